@@ -1,0 +1,3 @@
+from disaggctl.cli import main
+
+main()

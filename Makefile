@@ -1,0 +1,18 @@
+# Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`.
+.PHONY: setup demo test lint down
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	./scripts/demo.sh
+
+lint: setup
+	.venv/bin/ruff check disaggctl tests benchmarks scripts
+	.venv/bin/lint-imports
+
+test: setup lint
+	.venv/bin/python -m pytest -q --timeout 300 -p no:cacheprovider tests
+
+down:
+	.venv/bin/disaggctl down

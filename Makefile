@@ -1,11 +1,12 @@
 # Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`.
+TOPOLOGY ?= topologies/local-1p1d.yaml
 .PHONY: setup demo test lint down
 
 setup:
 	./scripts/setup.sh
 
 demo: setup
-	./scripts/demo.sh
+	./scripts/demo.sh $(TOPOLOGY)
 
 lint: setup
 	.venv/bin/ruff check disaggctl tests benchmarks scripts

@@ -1,0 +1,179 @@
+"""Addresses of KV pages in a paged pool, and the merged write list that ships them.
+
+The pool is one contiguous tensor `[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`,
+so page `p` of (layer, k_or_v) lives at `base + ((layer * 2 + k_or_v) * num_pages + p) * page_bytes`.
+Every Mooncake entry costs tens of microseconds, so pages that are contiguous on both sides are sent
+as one range, and ranges that continue across the (layer, k/v) boundary are joined too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+_FIELDS = ("base_ptr", "num_layers", "num_pages", "page_bytes", "page_size")
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """Where a KV pool lives in memory. `page_size` is tokens per page; `page_bytes` is one (layer, k/v) page."""
+
+    base_ptr: int
+    num_layers: int
+    num_pages: int
+    page_bytes: int
+    page_size: int
+
+    def __post_init__(self) -> None:
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"KV layout field {name} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"KV layout field {name} must be positive, got {value}")
+        if self.page_bytes % self.page_size:
+            raise ValueError(f"page_bytes {self.page_bytes} is not a multiple of page_size {self.page_size}")
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token in one (layer, k/v) page."""
+        return self.page_bytes // self.page_size
+
+    @property
+    def slab_bytes(self) -> int:
+        """Bytes of all pages of one (layer, k/v)."""
+        return self.num_pages * self.page_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_layers * 2 * self.slab_bytes
+
+    def page_addr(self, layer: int, kv: int, page: int) -> int:
+        if not (0 <= layer < self.num_layers and kv in (0, 1) and 0 <= page < self.num_pages):
+            raise IndexError(f"(layer {layer}, kv {kv}, page {page}) is outside this KV layout")
+        return self.base_ptr + ((layer * 2 + kv) * self.num_pages + page) * self.page_bytes
+
+    def incompatibility(self, other: KvLayout) -> str | None:
+        """Why pages of `other` cannot be copied byte for byte into this pool, or None if they can."""
+        for name in ("num_layers", "page_bytes", "page_size"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{name} differs: {theirs} vs {mine} here"
+        return None
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KvLayout:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"KV layout must be an object, got {type(data).__name__}")
+        missing = [name for name in _FIELDS if name not in data]
+        if missing:
+            raise ValueError(f"KV layout is missing {', '.join(missing)}")
+        return cls(**{name: data[name] for name in _FIELDS})
+
+    @classmethod
+    def from_tensor(cls, pool: Any) -> KvLayout:
+        """Layout of a contiguous `[layers, 2, pages, page_size, kv_heads, head_dim]` tensor (torch or numpy)."""
+        shape = tuple(pool.shape)
+        if len(shape) != 6 or shape[1] != 2:
+            raise ValueError(f"KV pool must be [layers, 2, pages, page_size, heads, dim], got shape {shape}")
+        if hasattr(pool, "data_ptr"):
+            contiguous, ptr, itemsize = pool.is_contiguous(), pool.data_ptr(), pool.element_size()
+        else:
+            contiguous, ptr, itemsize = pool.flags["C_CONTIGUOUS"], pool.ctypes.data, pool.itemsize
+        if not contiguous:
+            raise ValueError("KV pool tensor must be contiguous")
+        layers, _, pages, page_size, heads, dim = shape
+        return cls(ptr, layers, pages, page_size * heads * dim * itemsize, page_size)
+
+
+def _page_array(pages: Sequence[int], layout: KvLayout, side: str) -> np.ndarray:
+    arr = np.asarray(pages, dtype=np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= layout.num_pages):
+        bad = int(arr[(arr < 0) | (arr >= layout.num_pages)][0])
+        raise ValueError(f"{side} page id {bad} is outside the pool (0..{layout.num_pages - 1})")
+    return arr
+
+
+def _runs(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximal runs where both page lists step by +1: (src_start, dst_start, count) arrays."""
+    if src.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    breaks = (np.diff(src) != 1) | (np.diff(dst) != 1)
+    starts = np.concatenate(([0], np.flatnonzero(breaks) + 1))
+    counts = np.diff(np.concatenate((starts, [src.size])))
+    return src[starts], dst[starts], counts
+
+
+def merge_runs(src_pages: Sequence[int], dst_pages: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Group page pairs into maximal runs contiguous on both sides, in order: [(src_start, dst_start, count)]."""
+    if len(src_pages) != len(dst_pages):
+        raise ValueError(
+            f"page lists differ in length: {len(src_pages)} source vs {len(dst_pages)} destination"
+        )
+    src = np.asarray(src_pages, dtype=np.int64).reshape(-1)
+    dst = np.asarray(dst_pages, dtype=np.int64).reshape(-1)
+    s, d, n = _runs(src, dst)
+    return list(zip(s.tolist(), d.tolist(), n.tolist(), strict=True))
+
+
+def _join_adjacent(srcs: np.ndarray, dsts: np.ndarray, lens: np.ndarray):
+    """Join consecutive entries that continue each other on both sides."""
+    if srcs.size < 2:
+        return srcs, dsts, lens
+    follows = (srcs[1:] == srcs[:-1] + lens[:-1]) & (dsts[1:] == dsts[:-1] + lens[:-1])
+    starts = np.concatenate(([0], np.flatnonzero(~follows) + 1))
+    return srcs[starts], dsts[starts], np.add.reduceat(lens, starts)
+
+
+def kv_write_batches(
+    src_layout: KvLayout,
+    src_pages: Sequence[int],
+    dst_layout: KvLayout,
+    dst_pages: Sequence[int],
+    num_tokens: int | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """The (srcs, dsts, lens) of one batched write copying every layer's K and V of `src_pages` to `dst_pages`.
+
+    Page lists are in token order. With `num_tokens`, only the used part of the last page is sent.
+    """
+    reason = dst_layout.incompatibility(src_layout)
+    if reason:
+        raise ValueError(f"KV layouts are incompatible: {reason}")
+    if len(src_pages) != len(dst_pages):
+        raise ValueError(
+            f"page lists differ in length: {len(src_pages)} source vs {len(dst_pages)} destination"
+        )
+    src = _page_array(src_pages, src_layout, "source")
+    dst = _page_array(dst_pages, dst_layout, "destination")
+    if np.unique(dst).size != dst.size:
+        raise ValueError("destination page list repeats a page")
+    page_bytes = src_layout.page_bytes
+    tail_bytes = page_bytes
+    if num_tokens is not None:
+        capacity = src.size * src_layout.page_size
+        if not capacity - src_layout.page_size < num_tokens <= capacity:
+            raise ValueError(
+                f"{num_tokens} tokens do not fill exactly {src.size} pages of {src_layout.page_size}"
+            )
+        tail_bytes = (num_tokens - (src.size - 1) * src_layout.page_size) * src_layout.token_bytes
+    if src.size == 0:
+        return [], [], []
+
+    s_start, d_start, counts = _runs(src, dst)
+    run_lens = counts * page_bytes
+    run_lens[-1] -= page_bytes - tail_bytes
+    slabs = np.arange(src_layout.num_layers * 2, dtype=np.int64)[:, None]
+    srcs = src_layout.base_ptr + slabs * src_layout.slab_bytes + s_start[None, :] * page_bytes
+    dsts = dst_layout.base_ptr + slabs * dst_layout.slab_bytes + d_start[None, :] * page_bytes
+    lens = np.broadcast_to(run_lens, srcs.shape)
+    srcs, dsts, lens = _join_adjacent(
+        srcs.reshape(-1), dsts.reshape(-1), np.ascontiguousarray(lens).reshape(-1)
+    )
+    return srcs.tolist(), dsts.tolist(), lens.tolist()

@@ -1,0 +1,454 @@
+"""The PD hand-off rendezvous: decode registers its KV pages for a room, prefill writes them and answers.
+
+Prefill side: `PrefillBootstrap` serves `POST /v1/kv/{room}` on the bootstrap port. The decode's request
+stays open until the prefill calls `complete` or `fail`; pairing with the proxy's request for the same
+room (`expect`) works in either order. A decode that disconnects fails its room, so the prefill can free
+its pages (`DecodeRegistration.gone`, or the `on_room_failed` callback).
+Decode side: `DecodeBootstrapClient.register_and_wait` sends the registration and waits for the answer,
+failing fast when the prefill dies or stops answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from disaggctl.transfer.kv_layout import KvLayout
+
+log = logging.getLogger(__name__)
+
+ROOM_MAX = 2**63 - 1
+_MAX_SESSION_ID = 300
+_FINISHED_KEEP = 100_000
+
+
+class KvTransferError(RuntimeError):
+    """The KV of `room` did not arrive (or cannot be sent); `reason` says why."""
+
+    def __init__(self, room: int | str, reason: str):
+        self.room = room
+        self.reason = reason
+        super().__init__(f"KV hand-off for room {room} failed: {reason}")
+
+
+def parse_room(text: str) -> int:
+    """A room id from a URL segment: a decimal integer in [0, 2**63). ValueError otherwise."""
+    if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 19):
+        raise ValueError(f"room id must be a decimal integer below 2**63, got {text[:40]!r}")
+    room = int(text)
+    if room > ROOM_MAX:
+        raise ValueError(f"room id {room} is not below 2**63")
+    return room
+
+
+def check_room(room: Any) -> int:
+    if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room <= ROOM_MAX:
+        raise ValueError(f"room id must be an integer in [0, 2**63), got {room!r}")
+    return room
+
+
+def bootstrap_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host and not host.startswith("[") else f"http://{host}:{port}"
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+@dataclass
+class DecodeRegistration:
+    """What a decode sends for one room: where to write the prompt's KV."""
+
+    room: int
+    session_id: str
+    layout: KvLayout
+    page_ids: list[int]
+    prompt_len: int
+    # Set when the decode side is gone or the room failed: the prefill should stop and free its pages.
+    gone: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+    gone_reason: str | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "layout": self.layout.to_dict(),
+            "page_ids": list(self.page_ids),
+            "prompt_len": self.prompt_len,
+        }
+
+    @classmethod
+    def from_json(cls, room: int, data: Any) -> DecodeRegistration:
+        """Parse and check a registration body; ValueError with the reason when it is malformed."""
+        if not isinstance(data, dict):
+            raise ValueError("registration must be a JSON object")
+        session_id = data.get("session_id")
+        if not isinstance(session_id, str) or ":" not in session_id or len(session_id) > _MAX_SESSION_ID:
+            raise ValueError(f"session_id must be a 'host:port' string, got {session_id!r}")
+        layout = KvLayout.from_dict(data.get("layout"))
+        page_ids = data.get("page_ids")
+        if not isinstance(page_ids, list):
+            raise ValueError("page_ids must be a list of integers")
+        page_ids = [_int(p, "page id") for p in page_ids]
+        prompt_len = _int(data.get("prompt_len"), "prompt_len")
+        if prompt_len < 1:
+            raise ValueError(f"prompt_len must be at least 1, got {prompt_len}")
+        needed = math.ceil(prompt_len / layout.page_size)
+        if len(page_ids) != needed:
+            raise ValueError(
+                f"{prompt_len} tokens need {needed} pages of {layout.page_size}, got {len(page_ids)} page ids"
+            )
+        if any(not 0 <= p < layout.num_pages for p in page_ids):
+            raise ValueError(f"page ids must be in [0, {layout.num_pages})")
+        if len(set(page_ids)) != len(page_ids):
+            raise ValueError("page ids repeat a page")
+        return cls(room, session_id, layout, page_ids, prompt_len)
+
+
+@dataclass
+class KvResult:
+    """The prefill's answer once the KV has landed: the first sampled token and its logprob."""
+
+    room: int
+    first_token: int
+    logprob: float | None
+    extra: dict[str, Any]
+
+
+def _error_body(message: str, kind: str, code: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+class _Room:
+    def __init__(self, room: int, loop: asyncio.AbstractEventLoop):
+        self.room = room
+        self.registration: DecodeRegistration | None = None
+        self.expected = False
+        self.registered: asyncio.Future = loop.create_future()
+        self.paired: asyncio.Future = loop.create_future()
+        self.answer: asyncio.Future = loop.create_future()
+
+
+class PrefillBootstrap:
+    """The bootstrap endpoint of one prefill process.
+
+    `layout`, when given, is the prefill's own KV layout: registrations that cannot receive its pages
+    are refused with 400. `bootstrap_timeout_s` bounds pairing (either side waiting for the other);
+    `transfer_timeout_s` bounds the time from pairing to `complete`/`fail`.
+    Room-table methods (`expect`, `complete`, `fail`) must be called on the server's event loop.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        layout: KvLayout | None = None,
+        bootstrap_timeout_s: float = 60.0,
+        transfer_timeout_s: float = 60.0,
+        replay_window_s: float = 600.0,
+        on_room_failed: Callable[[int, str], None] | None = None,
+    ):
+        self.host = host
+        self.port = port
+        self.layout = layout
+        self.bootstrap_timeout_s = bootstrap_timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self.replay_window_s = replay_window_s
+        self.on_room_failed = on_room_failed
+        self._rooms: dict[int, _Room] = {}
+        self._finished: OrderedDict[int, tuple[float, str]] = OrderedDict()
+        self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- server ---------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/v1/kv/{room}", self._register)
+        return app
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # Cancelling handlers on disconnect is how a vanished decode is noticed.
+        self._runner = web.AppRunner(
+            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+        )
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = self._runner.addresses[0][1]
+        log.info("KV bootstrap listening on %s", self.url)
+
+    async def stop(self) -> None:
+        for room in list(self._rooms):
+            self._fail(room, "prefill bootstrap is shutting down", 503)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        return bootstrap_url(self.host, self.port)
+
+    @property
+    def open_rooms(self) -> int:
+        return len(self._rooms)
+
+    # --- room table (prefill side) ----------------------------------------------------------------------
+
+    async def expect(self, room: int, timeout: float | None = None) -> DecodeRegistration:
+        """Wait for the decode's registration of `room` (it may already be there). KvTransferError on timeout."""
+        self._check_loop()
+        try:
+            check_room(room)
+        except ValueError as exc:
+            raise KvTransferError(room, str(exc)) from None
+        self._forget_old()
+        if room in self._finished:
+            raise KvTransferError(room, f"room already finished ({self._finished[room][1]})")
+        entry = self._rooms.get(room)
+        if entry is None:
+            entry = self._rooms[room] = _Room(room, self._loop)
+        if entry.expected:
+            raise KvTransferError(room, "room is already being served by another request")
+        entry.expected = True
+        wait = self.bootstrap_timeout_s if timeout is None else timeout
+        try:
+            registration = await asyncio.wait_for(asyncio.shield(entry.registered), timeout=wait)
+        except asyncio.TimeoutError:
+            reason = f"decode did not register within {wait:g}s"
+            self._fail(room, reason, 504, notify=False)
+            raise KvTransferError(room, reason) from None
+        except asyncio.CancelledError:
+            self._fail(room, "prefill request was cancelled", 503, notify=False)
+            raise
+        if not entry.paired.done():
+            entry.paired.set_result(None)
+        return registration
+
+    def complete(
+        self, room: int, first_token: int, logprob: float | None = None, extra: dict | None = None
+    ) -> bool:
+        """Answer the decode: its KV is written. False if the room is no longer open (decode gone, timed out)."""
+        self._check_loop()
+        entry = self._rooms.get(room)
+        if entry is None or entry.registration is None or entry.answer.done():
+            return False
+        body = {"room": room, "first_token": int(first_token), "logprob": logprob, "extra": extra or {}}
+        entry.answer.set_result((200, body))
+        self._rooms.pop(room, None)
+        self._remember(room, "completed")
+        return True
+
+    def fail(self, room: int, reason: str) -> bool:
+        """Answer the decode with an error. False if the room was no longer open."""
+        self._check_loop()
+        return self._fail(room, reason, 500, notify=False)
+
+    def _check_loop(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is None or running is not self._loop:
+            raise RuntimeError(
+                "call PrefillBootstrap room methods on its event loop (loop.call_soon_threadsafe from threads)"
+            )
+
+    def _remember(self, room: int, outcome: str) -> None:
+        self._finished[room] = (time.monotonic(), outcome)
+        self._finished.move_to_end(room)
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        horizon = time.monotonic() - self.replay_window_s
+        while self._finished:
+            room, (when, _) = next(iter(self._finished.items()))
+            if when >= horizon and len(self._finished) <= _FINISHED_KEEP:
+                break
+            self._finished.popitem(last=False)
+
+    def _fail(self, room: int, reason: str, status: int, notify: bool = True) -> bool:
+        entry = self._rooms.pop(room, None)
+        if entry is None:
+            return False
+        self._remember(room, f"failed: {reason}")
+        log.warning("KV room %d failed: %s", room, reason)
+        if not entry.answer.done():
+            entry.answer.set_result((status, _error_body(reason, "kv_transfer_failed", status)))
+        if not entry.registered.done() and entry.expected:
+            entry.registered.set_exception(KvTransferError(room, reason))
+        if entry.registration is not None:
+            entry.registration.gone_reason = reason
+            entry.registration.gone.set()
+        if notify and entry.expected and self.on_room_failed is not None:
+            try:
+                self.on_room_failed(room, reason)
+            except Exception:
+                log.exception("on_room_failed callback raised for room %d", room)
+        return True
+
+    # --- HTTP handlers ------------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "open_rooms": len(self._rooms)})
+
+    async def _register(self, request: web.Request) -> web.Response:
+        try:
+            room = parse_room(request.match_info["room"])
+        except ValueError as exc:
+            return web.json_response(_error_body(str(exc), "invalid_request", 400), status=400)
+        self._forget_old()
+        if room in self._finished:
+            message = f"room {room} already finished ({self._finished[room][1]})"
+            return web.json_response(_error_body(message, "room_conflict", 409), status=409)
+        entry = self._rooms.get(room)
+        if entry is not None and entry.registration is not None:
+            message = f"room {room} is already registered"
+            return web.json_response(_error_body(message, "room_conflict", 409), status=409)
+        try:
+            registration = DecodeRegistration.from_json(room, await request.json())
+            reason = self.layout.incompatibility(registration.layout) if self.layout else None
+            if reason:
+                raise ValueError(f"decode KV layout is incompatible with this prefill: {reason}")
+        except ValueError as exc:  # includes malformed JSON
+            return web.json_response(_error_body(str(exc), "invalid_request", 400), status=400)
+        if self._rooms.get(room) is not entry or (entry is not None and entry.registration is not None):
+            # The room changed while the body was read: a concurrent registration won, or it finished.
+            message = f"room {room} was registered or finished meanwhile"
+            return web.json_response(_error_body(message, "room_conflict", 409), status=409)
+        if entry is None:
+            entry = self._rooms[room] = _Room(room, self._loop)
+        entry.registration = registration
+        entry.registered.set_result(registration)
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(entry.paired), timeout=self.bootstrap_timeout_s)
+            except asyncio.TimeoutError:
+                self._fail(
+                    room, f"prefill got no request for this room within {self.bootstrap_timeout_s:g}s", 504
+                )
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.shield(entry.answer), timeout=self.transfer_timeout_s)
+                except asyncio.TimeoutError:
+                    self._fail(room, f"prefill did not finish within {self.transfer_timeout_s:g}s", 504)
+        except asyncio.CancelledError:
+            self._fail(room, "decode disconnected", 499)
+            raise
+        status, body = entry.answer.result()
+        return web.json_response(body, status=status)
+
+
+class DecodeBootstrapClient:
+    """Decode side of the hand-off. One instance per decode process (it keeps an HTTP session).
+
+    While the registration is open, `/health` of the prefill's bootstrap is polled every `heartbeat_s`;
+    `heartbeat_misses` failures in a row end the wait, so a frozen prefill is noticed before `timeout`.
+    """
+
+    def __init__(self, connect_timeout_s: float = 5.0, heartbeat_s: float = 5.0, heartbeat_misses: int = 2):
+        self.connect_timeout_s = connect_timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_misses = heartbeat_misses
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # No pooling: a kept-alive connection to a dead prefill would only add a failure mode.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def register_and_wait(
+        self, bootstrap_url: str, room: int, registration: DecodeRegistration, timeout: float
+    ) -> KvResult:
+        """Register the pages of `room` with the prefill and wait until its KV is written. KvTransferError otherwise.
+
+        Cancelling this call closes the connection, which tells the prefill to drop the room.
+        """
+        check_room(room)
+        base = bootstrap_url.rstrip("/")
+        post = asyncio.create_task(self._post(base, room, registration, timeout))
+        watch = asyncio.create_task(self._watch_health(base, room))
+        try:
+            await asyncio.wait({post, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if post.done():
+                return post.result()
+            return watch.result()  # only returns by raising
+        finally:
+            for task in (post, watch):
+                if not task.done():
+                    task.cancel()
+            for task in (post, watch):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _post(self, base: str, room: int, registration: DecodeRegistration, timeout: float) -> KvResult:
+        url = f"{base}/v1/kv/{room}"
+        limits = aiohttp.ClientTimeout(total=timeout, connect=min(self.connect_timeout_s, timeout))
+        try:
+            async with self._http().post(url, json=registration.to_json(), timeout=limits) as response:
+                text = await response.text()
+                status = response.status
+        except asyncio.TimeoutError:
+            raise KvTransferError(room, f"no KV from {base} within {timeout:g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise KvTransferError(
+                room, f"cannot reach the prefill bootstrap at {base}: {exc.os_error}"
+            ) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+            raise KvTransferError(
+                room, f"connection to the prefill bootstrap at {base} was lost: {exc}"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise KvTransferError(room, f"request to the prefill bootstrap at {base} failed: {exc}") from None
+        return _parse_answer(room, status, text)
+
+    async def _watch_health(self, base: str, room: int) -> KvResult:
+        misses = 0
+        limits = aiohttp.ClientTimeout(total=self.heartbeat_s)
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                async with self._http().get(f"{base}/health", timeout=limits) as response:
+                    healthy = response.status == 200
+            except (asyncio.TimeoutError, aiohttp.ClientError):
+                healthy = False
+            misses = 0 if healthy else misses + 1
+            if misses >= self.heartbeat_misses:
+                raise KvTransferError(room, f"prefill bootstrap at {base} stopped answering health checks")
+
+
+def _parse_answer(room: int, status: int, text: str) -> KvResult:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if status != 200:
+        message = text[:300]
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            message = str(body["error"].get("message", message))
+        raise KvTransferError(room, f"prefill answered {status}: {message}")
+    if not isinstance(body, dict) or isinstance(body.get("first_token"), bool):
+        raise KvTransferError(room, f"malformed answer from the prefill bootstrap: {text[:200]!r}")
+    first_token, logprob, extra = body.get("first_token"), body.get("logprob"), body.get("extra") or {}
+    if not isinstance(first_token, int) or not (logprob is None or isinstance(logprob, (int, float))):
+        raise KvTransferError(room, f"malformed answer from the prefill bootstrap: {text[:200]!r}")
+    return KvResult(room, first_token, None if logprob is None else float(logprob), extra)

@@ -1,0 +1,299 @@
+"""The PD bootstrap hand-off: pairing, timeouts, disconnects, refusals and dead prefills, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import aiohttp
+import pytest
+
+from disaggctl.transfer.bootstrap import (
+    DecodeBootstrapClient,
+    DecodeRegistration,
+    KvTransferError,
+    PrefillBootstrap,
+    parse_room,
+)
+from disaggctl.transfer.kv_layout import KvLayout
+
+LAYOUT = KvLayout(base_ptr=1 << 20, num_layers=2, num_pages=64, page_bytes=256, page_size=4)
+ROOM = 8_589_934_597
+
+
+def registration(room: int = ROOM, prompt_len: int = 10, layout: KvLayout = LAYOUT) -> DecodeRegistration:
+    pages = list(range(3, 3 + -(-prompt_len // layout.page_size)))
+    return DecodeRegistration(room, "127.0.0.1:15123", layout, pages, prompt_len)
+
+
+def run(coro, timeout: float = 30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def started(**kwargs) -> PrefillBootstrap:
+    server = PrefillBootstrap("127.0.0.1", 0, layout=LAYOUT, **kwargs)
+    await server.start()
+    return server
+
+
+def test_pairs_when_decode_registers_first():
+    async def scenario():
+        server, client = await started(), DecodeBootstrapClient()
+        try:
+            decode = asyncio.create_task(client.register_and_wait(server.url, ROOM, registration(), 10))
+            await asyncio.sleep(0.2)
+            reg = await server.expect(ROOM, timeout=5)
+            assert (reg.session_id, reg.page_ids, reg.prompt_len, reg.layout) == (
+                "127.0.0.1:15123",
+                [3, 4, 5],
+                10,
+                LAYOUT,
+            )
+            assert server.complete(ROOM, 42, -0.25, {"cached": 0})
+            result = await decode
+            assert (result.room, result.first_token, result.logprob, result.extra) == (
+                ROOM,
+                42,
+                -0.25,
+                {"cached": 0},
+            )
+            assert server.open_rooms == 0 and not reg.gone.is_set()
+        finally:
+            await client.close()
+            await server.stop()
+
+    run(scenario())
+
+
+def test_pairs_when_prefill_expects_first():
+    async def scenario():
+        server, client = await started(), DecodeBootstrapClient()
+        try:
+            prefill = asyncio.create_task(server.expect(ROOM, timeout=5))
+            await asyncio.sleep(0.2)
+            assert not prefill.done()
+            decode = asyncio.create_task(client.register_and_wait(server.url, ROOM, registration(), 10))
+            reg = await prefill
+            assert reg.room == ROOM and reg.page_ids == [3, 4, 5]
+            assert server.complete(ROOM, 7)
+            assert (await decode).first_token == 7
+        finally:
+            await client.close()
+            await server.stop()
+
+    run(scenario())
+
+
+def test_prefill_failure_reaches_decode():
+    async def scenario():
+        server, client = await started(), DecodeBootstrapClient()
+        try:
+            decode = asyncio.create_task(client.register_and_wait(server.url, ROOM, registration(), 10))
+            reg = await server.expect(ROOM, timeout=5)
+            assert server.fail(ROOM, "mooncake write failed")
+            with pytest.raises(KvTransferError, match="500: mooncake write failed"):
+                await decode
+            assert reg.gone.is_set() and not server.complete(ROOM, 1)
+        finally:
+            await client.close()
+            await server.stop()
+
+    run(scenario())
+
+
+def test_timeouts_on_both_sides():
+    async def scenario():
+        server = await started(bootstrap_timeout_s=0.5, transfer_timeout_s=0.5)
+        client = DecodeBootstrapClient()
+        try:
+            # Prefill waits for a decode that never comes; a late registration is then refused.
+            began = time.monotonic()
+            with pytest.raises(KvTransferError, match="did not register"):
+                await server.expect(1, timeout=0.3)
+            assert time.monotonic() - began < 1.0
+            with pytest.raises(KvTransferError, match="409"):
+                await client.register_and_wait(server.url, 1, registration(1), 5)
+            # Decode registers but the prefill never gets the request.
+            began = time.monotonic()
+            with pytest.raises(KvTransferError, match="504: prefill got no request"):
+                await client.register_and_wait(server.url, 2, registration(2), 5)
+            assert time.monotonic() - began < 2.0
+            # Paired, but the prefill never completes: the decode is answered and the prefill sees the room gone.
+            decode = asyncio.create_task(client.register_and_wait(server.url, 3, registration(3), 5))
+            reg = await server.expect(3, timeout=5)
+            with pytest.raises(KvTransferError, match="504: prefill did not finish"):
+                await decode
+            assert reg.gone.is_set() and "did not finish" in reg.gone_reason
+            # The decode's own deadline holds even if the prefill would wait longer.
+            slow = await started(bootstrap_timeout_s=30)
+            try:
+                began = time.monotonic()
+                with pytest.raises(KvTransferError, match="no KV .* within 0.5s"):
+                    await client.register_and_wait(slow.url, 4, registration(4), 0.5)
+                assert time.monotonic() - began < 1.5
+            finally:
+                await slow.stop()
+        finally:
+            await client.close()
+            await server.stop()
+
+    run(scenario())
+
+
+def test_decode_disconnect_fails_the_room_for_prefill():
+    async def scenario():
+        failed = []
+        server = await started(on_room_failed=lambda room, reason: failed.append((room, reason)))
+        client = DecodeBootstrapClient()
+        try:
+            decode = asyncio.create_task(client.register_and_wait(server.url, ROOM, registration(), 10))
+            reg = await server.expect(ROOM, timeout=5)
+            decode.cancel()
+            await asyncio.wait_for(reg.gone.wait(), timeout=2)
+            assert reg.gone_reason == "decode disconnected"
+            assert failed == [(ROOM, "decode disconnected")]
+            assert not server.complete(ROOM, 1)
+            assert server.open_rooms == 0
+        finally:
+            await client.close()
+            await server.stop()
+
+    run(scenario())
+
+
+def test_bogus_replayed_and_incompatible_registrations_are_refused():
+    async def scenario():
+        server = await started()
+        good = registration().to_json()
+        try:
+            async with aiohttp.ClientSession() as http:
+
+                async def post(path: str, body=None, raw: str | None = None):
+                    kwargs = {"data": raw} if raw is not None else {"json": body}
+                    async with http.post(
+                        server.url + path, timeout=aiohttp.ClientTimeout(total=5), **kwargs
+                    ) as r:
+                        return r.status, await r.json()
+
+                for bad in ("abc", "-1", "1e3", "9223372036854775808", "99999999999999999999", "%20"):
+                    status, body = await post(f"/v1/kv/{bad}", good)
+                    assert status == 400, bad
+                    assert "room id" in body["error"]["message"]
+                assert (await post("/v1/kv/5", raw="{not json"))[0] == 400
+                wrong_bytes = dict(good, layout=dict(good["layout"], page_bytes=512))
+                status, body = await post("/v1/kv/5", wrong_bytes)
+                assert status == 400 and "page_bytes differs" in body["error"]["message"]
+                wrong_layers = dict(good, layout=dict(good["layout"], num_layers=3))
+                assert (await post("/v1/kv/5", wrong_layers))[0] == 400
+                status, body = await post("/v1/kv/5", dict(good, page_ids=[1, 2]))
+                assert status == 400 and "need 3 pages" in body["error"]["message"]
+                assert (await post("/v1/kv/5", dict(good, page_ids=[1, 1, 2])))[0] == 400
+                assert (await post("/v1/kv/5", dict(good, page_ids=[1, 2, 64])))[0] == 400
+                assert (await post("/v1/kv/5", dict(good, session_id=None)))[0] == 400
+                # Room 5 was never registered by any of these, so it still pairs normally.
+                first = asyncio.create_task(post("/v1/kv/5", good))
+                await server.expect(5, timeout=5)
+                assert (await post("/v1/kv/5", good))[0] == 409  # registered twice
+                server.complete(5, 11)
+                assert (await first)[0] == 200
+                assert (await post("/v1/kv/5", good))[0] == 409  # replayed after it finished
+                with pytest.raises(KvTransferError, match="already finished"):
+                    await server.expect(5, timeout=1)
+                async with http.get(server.url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    assert r.status == 200
+        finally:
+            await server.stop()
+
+    run(scenario())
+
+
+def test_room_ids_and_loop_guard():
+    assert parse_room("0") == 0 and parse_room(str(2**63 - 1)) == 2**63 - 1
+    for bad in ("", "+1", "١٢", "0x10", str(2**63)):
+        with pytest.raises(ValueError):
+            parse_room(bad)
+    server = PrefillBootstrap()
+    with pytest.raises(RuntimeError, match="event loop"):
+        server.complete(1, 1)
+
+
+PREFILL_PROCESS = textwrap.dedent(
+    """
+    import asyncio
+    from disaggctl.transfer.bootstrap import PrefillBootstrap
+
+    async def main():
+        server = PrefillBootstrap("127.0.0.1", 0)
+        await server.start()
+        print(server.port, flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.fixture
+def prefill_process():
+    proc = subprocess.Popen([sys.executable, "-c", PREFILL_PROCESS], stdout=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    assert ready, "prefill bootstrap process did not start"
+    port = int(proc.stdout.readline())
+    yield proc, f"http://127.0.0.1:{port}"
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_dead_prefill_fails_decode_quickly(prefill_process):
+    proc, url = prefill_process
+
+    async def scenario():
+        client = DecodeBootstrapClient()
+        try:
+            decode = asyncio.create_task(client.register_and_wait(url, ROOM, registration(), 30))
+            await asyncio.sleep(0.5)
+            assert not decode.done()
+            os.kill(proc.pid, signal.SIGKILL)
+            began = time.monotonic()
+            with pytest.raises(KvTransferError, match="lost"):
+                await decode
+            assert time.monotonic() - began < 2.0
+            began = time.monotonic()
+            with pytest.raises(KvTransferError, match="cannot reach"):
+                await client.register_and_wait(url, ROOM + 1, registration(ROOM + 1), 30)
+            assert time.monotonic() - began < 2.0
+        finally:
+            await client.close()
+
+    run(scenario())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_frozen_prefill_is_noticed_by_heartbeat(prefill_process):
+    proc, url = prefill_process
+
+    async def scenario():
+        client = DecodeBootstrapClient(heartbeat_s=0.3, heartbeat_misses=2)
+        try:
+            decode = asyncio.create_task(client.register_and_wait(url, ROOM, registration(), 30))
+            await asyncio.sleep(0.8)  # healthy heartbeats pass while the prefill is alive
+            assert not decode.done()
+            os.kill(proc.pid, signal.SIGSTOP)
+            began = time.monotonic()
+            with pytest.raises(KvTransferError, match="stopped answering"):
+                await decode
+            assert time.monotonic() - began < 3.0
+        finally:
+            await client.close()
+
+    run(scenario())

@@ -297,3 +297,47 @@ def test_frozen_prefill_is_noticed_by_heartbeat(prefill_process):
             await client.close()
 
     run(scenario())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_full_hand_off_writes_kv_into_the_decode_pool():
+    """Bootstrap pairing + merged Mooncake write + completion, as the PD roles will chain them."""
+    from test_transfer import LAYERS, PAGE_SIZE, SRC_PAGES, Peer, expected_crcs, random_pool
+
+    from disaggctl.transfer import MooncakeAgent, kv_write_batches
+
+    peer = Peer()
+    src = random_pool(SRC_PAGES, seed=11)
+    agent = MooncakeAgent("127.0.0.1", "tcp", timeout_s=5)
+    agent.register(src.data_ptr(), src.numel() * src.element_size())
+    src_layout = KvLayout.from_tensor(src)
+    src_pages = [4, 5, 6, 12, 13]
+    prompt_len = 4 * PAGE_SIZE + 2
+    dst_pages = [20, 21, 2, 3, 9]
+
+    async def scenario():
+        server = PrefillBootstrap("127.0.0.1", 0, layout=src_layout)
+        await server.start()
+        client = DecodeBootstrapClient()
+        try:
+            reg = DecodeRegistration(ROOM, peer.session_id, peer.layout, dst_pages, prompt_len)
+            decode = asyncio.create_task(client.register_and_wait(server.url, ROOM, reg, 30))
+            got = await server.expect(ROOM, timeout=10)
+            batches = kv_write_batches(src_layout, src_pages, got.layout, got.page_ids, got.prompt_len)
+            await agent.write_async(got.session_id, *batches)
+            server.complete(ROOM, 99, -1.5)
+            result = await decode
+            assert (result.first_token, result.logprob) == (99, -1.5)
+            # Four runs contiguous on both sides, for each (layer, k/v).
+            assert len(batches[0]) == 4 * 2 * LAYERS
+        finally:
+            await client.close()
+            await server.stop()
+
+    try:
+        run(scenario())
+        assert peer.crcs() == expected_crcs(src, src_pages, dst_pages, peer.layout.num_pages, prompt_len)
+    finally:
+        peer.kill()
+        agent.close()

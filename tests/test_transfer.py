@@ -370,3 +370,22 @@ def test_hung_peer_is_bounded_by_our_deadline_and_never_blocks_the_loop(agent, s
         peer.kill()
     assert elapsed < agent.deadline_s(sum(batches[2])) + 1.0
     assert ticks >= elapsed / 0.05 * 0.5, "the event loop was blocked during the write"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_writes_larger_than_one_mooncake_batch_arrive_intact(agent):
+    """Mooncake's TCP transport rejects batches of more than ~2k entries; the agent must split them."""
+    pages = 600
+    src = random_pool(pages, seed=5)
+    agent.register(src.data_ptr(), pool_nbytes(src))
+    big = Peer(pages=2 * pages)
+    try:
+        src_pages, dst_pages = list(range(pages)), [2 * i for i in range(pages)]  # no run longer than a page
+        batches = kv_write_batches(KvLayout.from_tensor(src), src_pages, big.layout, dst_pages)
+        assert len(batches[0]) == pages * 2 * LAYERS > 2100
+        agent.write(big.session_id, *batches)
+        assert big.crcs() == expected_crcs(src, src_pages, dst_pages, 2 * pages, None)
+    finally:
+        big.kill()
+        agent.unregister(src.data_ptr())

@@ -33,6 +33,9 @@ _SECONDS_PER_BYTE = 1e-9
 # Grace on top of Mooncake's own timeout, so its clearer -1 normally wins over our deadline.
 _DEADLINE_GRACE_S = 1.0
 _RDMA_SYSFS = Path("/sys/class/infiniband")
+# The 0.3.13 TCP transport rejects a batch of more than ~2k entries outright ("TCP lane queue-full"),
+# whatever MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER says; larger writes go out as consecutive batches.
+MAX_BATCH_ENTRIES = 1024
 
 
 class MooncakeUnavailableError(RuntimeError):
@@ -186,6 +189,11 @@ class MooncakeAgent:
             f", devices {ib_device}" if ib_device else "",
         )
 
+    @property
+    def engine(self) -> Any:
+        """The underlying TransferEngine, for diagnostics and raw baselines; bypasses our deadlines."""
+        return self._engine
+
     def register(self, ptr: int, nbytes: int) -> None:
         """Make [ptr, ptr+nbytes) writable by peers (and usable as a source). Keep the memory alive."""
         if ptr <= 0 or nbytes <= 0:
@@ -216,9 +224,12 @@ class MooncakeAgent:
         return self._pool.submit(fn, *args)
 
     def _write_now(self, peer: str, srcs: list[int], dsts: list[int], lens: list[int]) -> None:
-        rc = self._engine.batch_transfer_sync_write(peer, srcs, dsts, lens)
-        if rc != 0:
-            raise TransferError(peer, f"batch write of {len(lens)} ranges, {sum(lens)} bytes, failed", rc)
+        for lo in range(0, len(lens), MAX_BATCH_ENTRIES):
+            hi = lo + MAX_BATCH_ENTRIES
+            rc = self._engine.batch_transfer_sync_write(peer, srcs[lo:hi], dsts[lo:hi], lens[lo:hi])
+            if rc != 0:
+                what = f"batch write of {len(lens)} ranges, {sum(lens)} bytes, failed at range {lo}"
+                raise TransferError(peer, what, rc)
 
     def _check_batch(self, peer: str, srcs: Sequence[int], dsts: Sequence[int], lens: Sequence[int]):
         if not isinstance(peer, str) or not peer:
@@ -228,7 +239,10 @@ class MooncakeAgent:
         return [int(a) for a in srcs], [int(a) for a in dsts], [int(n) for n in lens]
 
     def write(self, peer: str, srcs: Sequence[int], dsts: Sequence[int], lens: Sequence[int]) -> None:
-        """Write local ranges into the peer's registered memory as one batch; raise TransferError on failure."""
+        """Write local ranges into the peer's registered memory; raise TransferError on failure.
+
+        One Mooncake batch per MAX_BATCH_ENTRIES ranges, all under one deadline.
+        """
         srcs, dsts, lens = self._check_batch(peer, srcs, dsts, lens)
         if not lens:
             return

@@ -1,0 +1,264 @@
+"""KV hand-off throughput: merged page writes vs one raw Mooncake write of the same bytes, same run.
+
+Two processes: this one owns the prefill-side pool and writes; a child (`--serve`) owns the decode-side
+pool. For each KV shape and prompt length it times, as the median of `--reps` repetitions:
+  raw         one `transfer_sync_write` of all the prompt's KV bytes (one contiguous range, the ceiling)
+  merged      kv_write_batches + MooncakeAgent.write, pages contiguous on both sides (a fresh pool)
+  fragmented  the same with randomly scattered pages on both sides (merging finds few runs)
+  per-page    one batch entry per (layer, k/v, page), nothing merged (the contrast)
+
+    python benchmarks/kv_transfer.py                      # CPU tensors over loopback TCP
+    python benchmarks/kv_transfer.py --device cuda --protocol auto --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import select
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from disaggctl.transfer.kv_layout import KvLayout, kv_write_batches
+from disaggctl.transfer.mooncake import MooncakeAgent
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    page_size: int = 16
+
+    def token_bytes(self) -> int:
+        return (
+            self.layers
+            * 2
+            * self.kv_heads
+            * self.head_dim
+            * torch.tensor([], dtype=self.torch_dtype).element_size()
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+SHAPES = {
+    "qwen2.5-0.5b": Shape("qwen2.5-0.5b", layers=24, kv_heads=2, head_dim=64, dtype="bfloat16"),
+    # builtin:tiny runs in float32 on CPU; GQA with 2 KV heads.
+    "builtin-tiny": Shape("builtin-tiny", layers=4, kv_heads=2, head_dim=32, dtype="float32"),
+}
+
+
+def make_pool(shape: Shape, pages: int, device: str) -> torch.Tensor:
+    dims = (shape.layers, 2, pages, shape.page_size, shape.kv_heads, shape.head_dim)
+    pool = torch.empty(dims, dtype=shape.torch_dtype, device=device)
+    pool.view(torch.uint8).random_(0, 256)
+    return pool
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Child process: the decode-side pool."""
+    shape = SHAPES[args.shape]
+    agent = MooncakeAgent(args.hostname, args.protocol, args.ib_device, timeout_s=args.timeout)
+    pool = make_pool(shape, args.pool_pages, args.serve_device)
+    agent.register(pool.data_ptr(), pool.numel() * pool.element_size())
+    hello = {"session_id": agent.session_id, "layout": KvLayout.from_tensor(pool).to_dict()}
+    print(json.dumps(hello), flush=True)
+    sys.stdin.readline()
+    agent.close()
+
+
+def per_page_batches(src: KvLayout, src_pages, dst: KvLayout, dst_pages):
+    srcs, dsts = [], []
+    for layer in range(src.num_layers):
+        for kv in range(2):
+            for s, d in zip(src_pages, dst_pages, strict=True):
+                srcs.append(src.page_addr(layer, kv, s))
+                dsts.append(dst.page_addr(layer, kv, d))
+    return srcs, dsts, [src.page_bytes] * len(srcs)
+
+
+def interleaved_medians(cases: list[tuple[str, int, object, int]]) -> dict[str, float]:
+    """Median seconds per case, taking the cases in turn each round so drift and noise hit all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name, *_ in cases}
+    for _, _, fn, _ in cases:
+        fn()  # warm-up: handshake, descriptor cache, page faults
+    for rnd in range(max(reps for *_, reps in cases)):
+        for name, _, fn, reps in cases:
+            if rnd < reps:
+                began = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) -> list[dict]:
+    max_pages = math.ceil(max(args.tokens) / shape.page_size)
+    pool_pages = 2 * max_pages
+    child_args = [sys.executable, __file__, "--serve", "--shape", shape.name, "--pool-pages", str(pool_pages)]
+    child_args += ["--serve-device", args.peer_device or args.device, "--protocol", args.protocol]
+    child_args += ["--hostname", args.hostname, "--timeout", str(args.timeout)]
+    if args.ib_device:
+        child_args += ["--ib-device", args.ib_device]
+    child = subprocess.Popen(child_args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 120)
+        line = child.stdout.readline() if ready else ""
+        if not line:
+            raise SystemExit(f"receiver for {shape.name} did not start (exit code {child.poll()})")
+        hello = json.loads(line)
+        peer, dst = hello["session_id"], KvLayout.from_dict(hello["layout"])
+        pool = make_pool(shape, pool_pages, args.device)
+        agent.register(pool.data_ptr(), pool.numel() * pool.element_size())
+        src = KvLayout.from_tensor(pool)
+        rng = random.Random(0)
+        rows = []
+        try:
+            for tokens in args.tokens:
+                pages = math.ceil(tokens / shape.page_size)
+                nbytes = tokens * shape.token_bytes()
+                contiguous_src, contiguous_dst = list(range(pages)), list(range(7, 7 + pages))
+                scattered_src = rng.sample(range(pool_pages), pages)
+                scattered_dst = rng.sample(range(pool_pages), pages)
+
+                def raw(n=nbytes):
+                    if agent.engine.transfer_sync_write(peer, src.base_ptr, dst.base_ptr, n) != 0:
+                        raise SystemExit("raw Mooncake write failed")
+
+                def merged(s=contiguous_src, d=contiguous_dst, t=tokens):
+                    agent.write(peer, *kv_write_batches(src, s, dst, d, t))
+
+                def fragmented(s=scattered_src, d=scattered_dst, t=tokens):
+                    agent.write(peer, *kv_write_batches(src, s, dst, d, t))
+
+                unmerged = per_page_batches(src, contiguous_src, dst, contiguous_dst)
+
+                def per_page(batches=unmerged):
+                    agent.write(peer, *batches)
+
+                cases = [
+                    ("raw", 1, raw, args.reps),
+                    (
+                        "merged",
+                        len(kv_write_batches(src, contiguous_src, dst, contiguous_dst, tokens)[0]),
+                        merged,
+                        args.reps,
+                    ),
+                    (
+                        "fragmented",
+                        len(kv_write_batches(src, scattered_src, dst, scattered_dst, tokens)[0]),
+                        fragmented,
+                        args.reps,
+                    ),
+                    ("per-page", len(unmerged[0]), per_page, max(3, args.reps // 2)),
+                ]
+                medians = interleaved_medians(cases)
+                raw_s = medians["raw"]
+                for case, entries, _, reps in cases:
+                    seconds = medians[case]
+                    # per-page moves whole pages, the others only the used part of the last one.
+                    moved = len(unmerged[0]) * src.page_bytes if case == "per-page" else nbytes
+                    rows.append(
+                        {
+                            "shape": shape.name,
+                            "tokens": tokens,
+                            "case": case,
+                            "entries": entries,
+                            "bytes": moved,
+                            "median_ms": seconds * 1e3,
+                            "gb_per_s": moved / seconds / 1e9,
+                            "vs_raw": (moved / seconds) / (nbytes / raw_s),
+                            "reps": reps,
+                        }
+                    )
+                    print(
+                        f"  {shape.name} {tokens:>6} tokens {case:<10} {seconds * 1e3:8.2f} ms",
+                        file=sys.stderr,
+                    )
+        finally:
+            agent.unregister(pool.data_ptr())
+        return rows
+    finally:
+        if child.poll() is None:
+            child.stdin.write("exit\n")
+            child.stdin.flush()
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(10)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"KV hand-off, {meta['device']} tensors, transport {meta['transport']}, median of {meta['reps']} reps",
+        "",
+        "| shape | prompt tokens | case | entries | MiB | median ms | GB/s | vs raw |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['tokens']} | {r['case']} | {r['entries']} | {r['bytes'] / 2**20:.1f} "
+            f"| {r['median_ms']:.2f} | {r['gb_per_s']:.2f} | {r['vs_raw'] * 100:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shape", action="append", choices=sorted(SHAPES), help="KV shape (repeatable; default all)"
+    )
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384], help="prompt lengths")
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the sending pool")
+    parser.add_argument("--peer-device", help="device of the receiving pool (default: same as --device)")
+    parser.add_argument("--protocol", default="tcp", choices=["tcp", "rdma", "nvlink", "auto"])
+    parser.add_argument("--ib-device", help="RDMA NIC(s), e.g. mlx5_0")
+    parser.add_argument("--hostname", default="127.0.0.1")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pool-pages", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-device", default="cpu", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        args.shape = args.shape[0]
+        serve(args)
+        return
+    if any(t <= 0 for t in args.tokens) or args.reps < 1:
+        parser.error("--tokens and --reps must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA build of torch and a GPU")
+    agent = MooncakeAgent(args.hostname, args.protocol, args.ib_device, timeout_s=args.timeout)
+    rows = []
+    for name in args.shape or sorted(SHAPES, reverse=True):
+        rows += bench_shape(args, SHAPES[name], agent)
+    meta = {
+        "device": args.device,
+        "transport": agent.transport,
+        "reps": args.reps,
+        "torch": torch.__version__,
+    }
+    print(markdown(rows, meta))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"meta": meta, "results": rows}, out, indent=2)
+    agent.close()
+
+
+if __name__ == "__main__":
+    main()

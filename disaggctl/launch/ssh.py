@@ -1,0 +1,619 @@
+"""Launch backend for hosts reached over SSH (paramiko).
+
+One connection per host, reused by every command of one CLI invocation (`connection()` keeps them;
+`close_all()` runs at exit). Remote processes are started detached from the SSH session: own session
+and process group (`setsid`), stdin from /dev/null, stdout+stderr to a log file, a pid file written by
+the group leader itself. A process is identified by (pid, start ticks from /proc/PID/stat, boot_id), so
+a reused pid or a rebooted host is never mistaken for ours and never signalled.
+
+Every token that reaches a remote shell is `shlex.quote`d; the environment travels as `env K=V`
+arguments, not through the SSH protocol (sshd drops variables that `AcceptEnv` does not list).
+paramiko is imported inside functions: `disaggctl status` must start fast.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shlex
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from disaggctl.launch.state import ProcRecord
+
+CONNECT_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 30.0
+PID_FILE_WAIT_S = 5.0
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SshError(RuntimeError):
+    """An SSH failure; the message names the host. `reason` is one of: unreachable, host-key-unknown,
+    host-key-changed, auth, timeout, command, start."""
+
+    def __init__(self, host: str, message: str, reason: str = "command"):
+        super().__init__(f"host {host}: {message}")
+        self.host = host
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Everything needed to open one SSH connection; hashable, so it keys the connection cache."""
+
+    host: str  # the topology's host name, used in messages
+    address: str
+    port: int = 22
+    user: str | None = None
+    key: str | None = None
+    known_hosts: str | None = None
+    jump: str | None = None  # [user@]address[:port], same key and known_hosts
+    keepalive_s: float = 15.0
+    accept_new_host_keys: bool = False
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+
+    @classmethod
+    def from_host(cls, host: Any, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> SshTarget:
+        """From a HostSpec (its `ssh` settings may be absent, a model or a plain dict)."""
+        ssh = getattr(host, "ssh", None)
+
+        def setting(field: str, default: Any) -> Any:
+            value = ssh.get(field) if isinstance(ssh, dict) else getattr(ssh, field, None)
+            return default if value is None else value
+
+        return cls(
+            host=host.name,
+            address=host.address,
+            port=int(setting("port", 22)),
+            user=setting("user", None),
+            key=setting("key", None),
+            known_hosts=setting("known_hosts", None),
+            jump=setting("jump", None),
+            keepalive_s=float(setting("keepalive_s", 15.0)),
+            accept_new_host_keys=bool(setting("insecure_accept_new_host_keys", False)),
+            connect_timeout_s=connect_timeout_s,
+        )
+
+    def with_ssh_config(self) -> SshTarget:
+        """Fill what the topology left unset from ~/.ssh/config (HostName, User, Port, IdentityFile, ProxyJump)."""
+        import paramiko
+
+        path = os.path.expanduser("~/.ssh/config")
+        if not os.path.isfile(path):
+            return self
+        cfg = paramiko.SSHConfig.from_path(path).lookup(self.address)
+        files = cfg.get("identityfile") or []
+        return SshTarget(
+            host=self.host,
+            address=cfg.get("hostname", self.address),
+            port=self.port if self.port != 22 else int(cfg.get("port", 22)),
+            user=self.user or cfg.get("user"),
+            key=self.key or (files[0] if files and os.path.isfile(os.path.expanduser(files[0])) else None),
+            known_hosts=self.known_hosts,
+            jump=self.jump or cfg.get("proxyjump"),
+            keepalive_s=self.keepalive_s,
+            accept_new_host_keys=self.accept_new_host_keys,
+            connect_timeout_s=self.connect_timeout_s,
+        )
+
+
+def parse_jump(jump: str, default_user: str | None) -> tuple[str | None, str, int]:
+    """`[user@]address[:port]` (IPv6 as `[addr]:port`) -> (user, address, port)."""
+    user, _, hostport = jump.rpartition("@")
+    m = re.fullmatch(r"\[(?P<v6>[^\]]+)\](?::(?P<p6>\d+))?|(?P<h>[^:\[\]]+)(?::(?P<p>\d+))?", hostport)
+    if not m:
+        raise ValueError(f"jump host {jump!r} is not [user@]address[:port]")
+    address = m.group("v6") or m.group("h")
+    port = int(m.group("p6") or m.group("p") or 22)
+    return (user or default_user), address, port
+
+
+@dataclass
+class CommandResult:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def _make_accept_new_policy(known: paramiko.HostKeys, save_to: str, host: str):
+    """OpenSSH `accept-new`: add a key for a host we know nothing about; a host we already know under
+    any key type never gets a new key this way (a changed key is refused by paramiko itself)."""
+    import paramiko
+
+    class AcceptNew(paramiko.MissingHostKeyPolicy):
+        lock = threading.Lock()
+
+        def missing_host_key(self, client, hostname, key):
+            if known.lookup(hostname):
+                raise paramiko.SSHException(
+                    f"known_hosts has a different key type for {hostname}; refusing to add a new key"
+                )
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            with self.lock:
+                os.makedirs(os.path.dirname(save_to) or ".", exist_ok=True)
+                with open(save_to, "a") as f:
+                    f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+    return AcceptNew()
+
+
+class SshConnection:
+    """One paramiko client (plus an optional jump client) to one host; thread-safe to share."""
+
+    def __init__(self, target: SshTarget):
+        self.target = target
+        self._client: paramiko.SSHClient | None = None
+        self._jump: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+
+    # -- connecting ---------------------------------------------------------------------------------
+
+    def _new_client(self) -> tuple[paramiko.SSHClient, paramiko.HostKeys]:
+        import paramiko
+
+        t = self.target
+        client = paramiko.SSHClient()
+        known = paramiko.HostKeys()
+        system = os.path.expanduser("~/.ssh/known_hosts")
+        if os.path.isfile(system):
+            client.load_system_host_keys(system)
+            known.load(system)
+        if t.known_hosts:
+            path = os.path.expanduser(t.known_hosts)
+            if not os.path.isfile(path):
+                raise SshError(t.host, f"known_hosts file {path} does not exist", "host-key-unknown")
+            client.load_host_keys(path)
+            known.load(path)
+        if t.accept_new_host_keys:
+            save_to = os.path.expanduser(t.known_hosts or system)
+            client.set_missing_host_key_policy(_make_accept_new_policy(known, save_to, t.host))
+        else:
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        return client, known
+
+    def _connect_one(self, client, address: str, port: int, user: str | None, sock=None) -> None:
+        t = self.target
+        key = os.path.expanduser(t.key) if t.key else None
+        client.connect(
+            address,
+            port=port,
+            username=user,
+            key_filename=key,
+            look_for_keys=key is None,
+            allow_agent=True,
+            timeout=t.connect_timeout_s,
+            banner_timeout=t.connect_timeout_s,
+            auth_timeout=t.connect_timeout_s,
+            channel_timeout=t.connect_timeout_s,
+            sock=sock,
+        )
+
+    def connect(self) -> None:
+        import paramiko
+
+        t = self.target
+        where = f"{t.address}:{t.port}"
+        try:
+            sock = None
+            if t.jump:
+                juser, jaddr, jport = parse_jump(t.jump, t.user)
+                where = f"{t.address}:{t.port} via jump host {jaddr}:{jport}"
+                self._jump, _ = self._new_client()
+                self._connect_one(self._jump, jaddr, jport, juser)
+                sock = self._jump.get_transport().open_channel(
+                    "direct-tcpip", (t.address, t.port), ("127.0.0.1", 0), timeout=t.connect_timeout_s
+                )
+            client, _ = self._new_client()
+            self._connect_one(client, t.address, t.port, t.user, sock=sock)
+            client.get_transport().set_keepalive(max(1, int(t.keepalive_s)))
+        except SshError:
+            self._close_quietly()
+            raise
+        except paramiko.BadHostKeyException as e:
+            self._close_quietly()
+            raise SshError(
+                t.host,
+                f"the host key of {e.hostname} does not match known_hosts (expected "
+                f"{e.expected_key.get_name()} {e.expected_key.fingerprint}, got {e.key.get_name()} "
+                f"{e.key.fingerprint}); refusing to connect. If the host was reinstalled, remove the old key "
+                f"with `ssh-keygen -R {e.hostname}` and add the new one after checking it",
+                "host-key-changed",
+            ) from e
+        except paramiko.AuthenticationException as e:
+            self._close_quietly()
+            raise SshError(
+                t.host, f"authentication as {t.user or 'the current user'} at {where} failed: {e}", "auth"
+            ) from e
+        except TimeoutError as e:
+            self._close_quietly()
+            raise SshError(
+                t.host,
+                f"cannot connect to {where}: no answer within {t.connect_timeout_s:g} s",
+                "unreachable",
+            ) from e
+        except paramiko.SSHException as e:
+            self._close_quietly()
+            if "known_hosts" in str(e) or "not found in" in str(e):
+                raise SshError(
+                    t.host,
+                    f"{where} is not in known_hosts ({e}); add its key (ssh-keyscan, after checking the fingerprint) "
+                    "or set ssh.insecure_accept_new_host_keys: true",
+                    "host-key-unknown",
+                ) from e
+            raise SshError(t.host, f"SSH to {where} failed: {e}", "unreachable") from e
+        except OSError as e:
+            self._close_quietly()
+            raise SshError(t.host, f"cannot connect to {where}: {e.strerror or e}", "unreachable") from e
+        self._client = client
+
+    def _close_quietly(self) -> None:
+        for c in (self._client, self._jump):
+            if c is not None:
+                c.close()
+        self._client = self._jump = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_quietly()
+
+    def transport(self) -> paramiko.Transport:
+        with self._lock:
+            tr = self._client.get_transport() if self._client is not None else None
+            if tr is None or not tr.is_active():
+                self._close_quietly()
+                self.connect()
+                tr = self._client.get_transport()
+            return tr
+
+    # -- commands -----------------------------------------------------------------------------------
+
+    def open_session(self):
+        try:
+            return self.transport().open_session(timeout=self.target.connect_timeout_s)
+        except SshError:
+            raise
+        except Exception as e:  # paramiko raises SSHException or EOFError when the link dropped
+            raise SshError(self.target.host, f"cannot open an SSH channel: {e}", "unreachable") from e
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> CommandResult:
+        """Run one shell command; waits at most `timeout` seconds for it to finish."""
+        chan = self.open_session()
+        out: list[bytes] = []
+        err: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        try:
+            chan.exec_command(command)
+            while True:
+                got = False
+                while chan.recv_ready():
+                    out.append(chan.recv(65536))
+                    got = True
+                while chan.recv_stderr_ready():
+                    err.append(chan.recv_stderr(65536))
+                    got = True
+                # exit-status comes after all data on the same ordered transport, so nothing is lost.
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if time.monotonic() > deadline:
+                    raise SshError(
+                        self.target.host,
+                        f"command did not finish within {timeout:g} s: {command[:200]}",
+                        "timeout",
+                    )
+                if not got:
+                    chan.status_event.wait(0.01)
+            rc = chan.recv_exit_status()
+        except SshError:
+            raise
+        except Exception as e:
+            raise SshError(self.target.host, f"SSH command failed: {e}", "unreachable") from e
+        finally:
+            chan.close()
+        return CommandResult(
+            rc, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
+        )
+
+
+_pool: dict[SshTarget, SshConnection] = {}
+_pool_lock = threading.Lock()
+
+
+def connection(target: SshTarget) -> SshConnection:
+    """The shared, connected connection to `target` (connects on first use, reconnects if dropped)."""
+    with _pool_lock:
+        conn = _pool.get(target)
+        if conn is None:
+            conn = _pool[target] = SshConnection(target)
+    conn.transport()
+    return conn
+
+
+def close_all() -> None:
+    with _pool_lock:
+        conns = list(_pool.values())
+        _pool.clear()
+    for c in conns:
+        c.close()
+
+
+atexit.register(close_all)
+
+
+def shell_path(path: str) -> str:
+    """Quote a path for the remote shell, keeping a leading `~/` meaning the remote home."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def parse_stat(text: str) -> tuple[str, int, int, int] | None:
+    """/proc/PID/stat -> (state, ppid, pgrp, start ticks); the command name may contain spaces and ')'."""
+    if ")" not in text:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    if len(fields) < 20:
+        return None
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def _ticks(value: float | str) -> int:
+    return int(float(value))
+
+
+# Runs on the host with its own interpreter (-I -S: stdlib only). Stops a process group: verifies the
+# leader is ours (boot_id + start ticks), snapshots descendants that left the group (their own setsid),
+# TERM, polls up to the grace, KILL. Zombies count as gone: a detached leader is reaped by init, lazily.
+STOP_SCRIPT = r"""
+import os, signal, sys, time
+pid, ticks, boot, grace = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+def stat(p):
+    try:
+        s = open("/proc/%d/stat" % p).read()
+    except OSError:
+        return None
+    f = s.rsplit(")", 1)[1].split()
+    return f[0], int(f[1]), int(f[2]), int(f[19])
+def table():
+    t = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            st = stat(int(d))
+            if st:
+                t[int(d)] = st
+    return t
+if open("/proc/sys/kernel/random/boot_id").read().strip() != boot:
+    print("gone"); sys.exit(0)
+t = table()
+lead = t.get(pid)
+if lead is not None and lead[3] != ticks:
+    print("gone"); sys.exit(0)
+escaped = {}
+if lead is not None:
+    kids, frontier = {}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for q, st in t.items():
+            if st[1] == p and q not in kids:
+                kids[q] = st[3]; frontier.append(q)
+    escaped = {q: s for q, s in kids.items() if t[q][2] != pid}
+def live():
+    t = table()
+    return [p for p, st in t.items() if st[0] not in "ZX" and (st[2] == pid or escaped.get(p) == st[3])]
+def signal_all(sig):
+    try:
+        os.killpg(pid, sig)
+    except OSError:
+        pass
+    for q in escaped:
+        try:
+            os.kill(q, sig)
+        except OSError:
+            pass
+if not live():
+    print("gone"); sys.exit(0)
+signal_all(signal.SIGTERM)
+end = time.monotonic() + grace
+while live() and time.monotonic() < end:
+    time.sleep(0.1)
+if not live():
+    print("stopped"); sys.exit(0)
+signal_all(signal.SIGKILL)
+end = time.monotonic() + 10
+while live() and time.monotonic() < end:
+    time.sleep(0.1)
+left = live()
+if left:
+    print("still running after SIGKILL: " + " ".join(map(str, left))); sys.exit(1)
+print("killed")
+"""
+
+
+class SshBackend:
+    """The launch Backend (docs/architecture.md) for one remote host."""
+
+    kind = "ssh"
+
+    def __init__(self, host: Any, connect_timeout_s: float = CONNECT_TIMEOUT_S):
+        self.host = host
+        self.target = SshTarget.from_host(host, connect_timeout_s).with_ssh_config()
+        self.python = getattr(host, "python", None) or "python3"
+
+    @property
+    def conn(self) -> SshConnection:
+        return connection(self.target)
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> CommandResult:
+        return self.conn.run(command, timeout)
+
+    def _fail(self, message: str, reason: str = "command") -> SshError:
+        return SshError(self.target.host, message, reason)
+
+    # -- start --------------------------------------------------------------------------------------
+
+    def start_command(self, spec: Any, run_dir: str) -> str:
+        """The remote shell script that launches `spec` detached and prints pid, boot_id, dir, stat."""
+        name = spec.name
+        if not _NAME.match(name):
+            raise self._fail(f"process name {name!r} is not a plain file name", "start")
+        if not spec.argv:
+            raise self._fail(f"process {name} has an empty command line", "start")
+        env = []
+        for k, v in (spec.env or {}).items():
+            if not _ENV_KEY.match(k):
+                raise self._fail(f"process {name}: environment variable name {k!r} is not valid", "start")
+            env.append(f"{k}={v}")
+        q = shlex.quote
+        command = shlex.join(["env", *env, *[str(a) for a in spec.argv]])
+        inner = 'echo $$ > "$0.pid"; exec "$@"'  # the leader writes its own pid, then becomes the server
+        polls = int(PID_FILE_WAIT_S / 0.05)
+        # `cd` is its own statement: `a && cd && setsid ... &` would background a subshell that holds the
+        # channel open, and exec_command would never return.
+        return "\n".join(
+            [
+                "umask 022",
+                f"mkdir -p {shell_path(run_dir)} || exit 97",
+                f"cd {shell_path(run_dir)} || exit 97",
+                f"rm -f {q(name + '.pid')}",
+                f"if [ -f {q(name + '.log')} ]; then mv -f {q(name + '.log')} {q(name + '.log.1')}; fi",
+                f"setsid sh -c {q(inner)} {q(name)} {command} > {q(name + '.log')} 2>&1 < /dev/null &",
+                "i=0",
+                f"while [ ! -s {q(name + '.pid')} ] && [ $i -lt {polls} ]; do sleep 0.05; i=$((i+1)); done",
+                f"[ -s {q(name + '.pid')} ] || {{ echo 'no pid file after {PID_FILE_WAIT_S:g} s' >&2; exit 98; }}",
+                f"p=$(cat {q(name + '.pid')})",
+                'echo "$p"; cat /proc/sys/kernel/random/boot_id; pwd -P',
+                'cat "/proc/$p/stat" 2>/dev/null || echo',
+            ]
+        )
+
+    def start(self, spec: Any, run_dir: str) -> ProcRecord:
+        from disaggctl.launch.state import ProcRecord
+
+        res = self.run(self.start_command(spec, run_dir))
+        if res.rc != 0:
+            raise self._fail(
+                f"starting {spec.name} in {run_dir} failed (exit {res.rc}): {res.stderr.strip()}", "start"
+            )
+        lines = res.stdout.splitlines()
+        if len(lines) < 4 or not lines[0].strip().isdigit():
+            raise self._fail(f"starting {spec.name}: unexpected answer {res.stdout!r}", "start")
+        pid, boot_id, directory = int(lines[0]), lines[1].strip(), lines[2].strip()
+        log_path = f"{directory}/{spec.name}.log"
+        st = parse_stat(lines[3])
+        if st is None or st[0] in "ZX":
+            tail = self._tail(log_path, 20)
+            raise self._fail(f"{spec.name} exited right after start; last log lines:\n{tail}", "start")
+        return ProcRecord(
+            name=spec.name,
+            host=self.target.host,
+            pid=pid,
+            start_time=str(st[3]),
+            boot_id=boot_id,
+            log_path=log_path,
+            started_at=time.time(),
+            spec_hash=getattr(spec, "spec_hash", "") or "",
+            url=spec.url,
+            backend="ssh",
+        )
+
+    # -- alive / stop -------------------------------------------------------------------------------
+
+    def probe(self, rec: ProcRecord) -> tuple[str, str]:
+        """(boot_id, /proc/PID/stat or "") on the host, in one round trip."""
+        res = self.run(
+            f"cat /proc/sys/kernel/random/boot_id; cat /proc/{int(rec.pid)}/stat 2>/dev/null; true"
+        )
+        lines = res.stdout.splitlines()
+        if not lines:
+            raise self._fail(f"cannot read /proc on the host: {res.stderr.strip()}")
+        return lines[0].strip(), "\n".join(lines[1:])
+
+    def alive(self, rec: ProcRecord) -> bool:
+        """Same boot, same pid with the same start ticks, and not a zombie. Raises SshError when the host
+        cannot be asked (the caller reports "unknown", not "dead")."""
+        boot, stat_text = self.probe(rec)
+        st = parse_stat(stat_text)
+        return (
+            st is not None and boot == rec.boot_id and st[3] == _ticks(rec.start_time) and st[0] not in "ZX"
+        )
+
+    def stop(self, rec: ProcRecord, grace_s: float) -> str:
+        """TERM the process group, wait up to `grace_s`, then KILL. -> "stopped" | "killed" | "gone"."""
+        args = [str(int(rec.pid)), str(_ticks(rec.start_time)), rec.boot_id or "-", f"{float(grace_s):g}"]
+        cmd = shlex.join([self.python, "-I", "-S", "-c", STOP_SCRIPT, *args])
+        res = self.run(cmd, timeout=grace_s + 20)
+        outcome = res.stdout.strip()
+        if res.rc != 0 or outcome not in ("stopped", "killed", "gone"):
+            raise self._fail(
+                f"stopping {rec.name} (pid {rec.pid}) failed: {(outcome + ' ' + res.stderr).strip()}"
+            )
+        return outcome
+
+    # -- logs ---------------------------------------------------------------------------------------
+
+    def _tail(self, path: str, n: int | None) -> str:
+        q = shlex.quote(path)
+        cmd = f"[ -f {q} ] || exit 0; " + (f"tail -n {int(n)} {q}" if n is not None else f"cat {q}")
+        res = self.run(cmd, timeout=COMMAND_TIMEOUT_S)
+        if res.rc != 0:
+            raise self._fail(f"reading {path} failed: {res.stderr.strip()}")
+        return res.stdout
+
+    def read_log(self, rec: ProcRecord, tail: int | None = None) -> list[str]:
+        """The process's log lines (the last `tail` ones if given); [] when there is no log yet."""
+        return self._tail(rec.log_path, tail).splitlines()
+
+    def follow_log(
+        self, rec: ProcRecord, tail: int = 0, stop: threading.Event | None = None
+    ) -> Iterator[str]:
+        """New log lines as they are written (`tail -F`: survives rotation), after the last `tail`
+        existing ones. Ends when `stop` is set (checked twice a second), when the generator is closed,
+        or when the connection drops; the remote `tail` is killed on the way out."""
+        chan = self.conn.open_session()
+        q = shlex.quote(rec.log_path)
+        chan.exec_command(f"echo $$; exec tail -n {int(tail)} -F {q} 2>/dev/null")
+        chan.settimeout(0.5)
+        buf = b""
+        remote_pid: int | None = None
+        try:
+            while stop is None or not stop.is_set():
+                try:
+                    data = chan.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    line = raw.decode(errors="replace")
+                    if remote_pid is None:
+                        remote_pid = int(line) if line.strip().isdigit() else -1
+                        continue
+                    yield line
+        finally:
+            chan.close()
+            if remote_pid and remote_pid > 0:
+                try:
+                    # only if that pid is still our tail: it may have ended and the pid been reused
+                    p = int(remote_pid)
+                    self.run(f'[ "$(cat /proc/{p}/comm 2>/dev/null)" = tail ] && kill {p}; true', timeout=5)
+                except SshError:
+                    pass  # the host went away; its sshd ends the tail with the session
+
+
+def preflight(hosts: list, plan: Any, **kwargs: Any) -> list:
+    """Pre-flight checks for every host, concurrently; see disaggctl.launch.preflight."""
+    from disaggctl.launch.preflight import preflight as run_preflight
+
+    return run_preflight(hosts, plan, **kwargs)

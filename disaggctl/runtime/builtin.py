@@ -277,7 +277,7 @@ def write_smollm2(out: Path) -> None:
             w = unpermute_rope(w, n_head)
         elif t.name.endswith("attn_k.weight"):
             w = unpermute_rope(w, n_kv)
-        sd[hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+        sd[hf_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
     tied = "lm_head.weight" not in sd
     bos, eos = (
         int(_field(reader, "tokenizer.ggml.bos_token_id")),

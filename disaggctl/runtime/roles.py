@@ -1,0 +1,161 @@
+"""What a runtime server does with a request, per role: the server parses and formats, a role runs.
+
+A role turns a `Job` (prompt ids, sampling, rid, the request body) into a stream of `TokenEvent`s. The
+engine calls back on its own thread; `EngineStream` carries those calls onto the event loop, so the loop
+never blocks on the engine. New roles (prefill, decode) register in `ROLES` beside `colocated`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from disaggctl.runtime.protocol import Job
+
+
+@dataclass
+class TokenEvent:
+    """New token ids of one request; the last event has `finished` set (and `error` if it failed)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    matched: int | str | None = None  # the stop token id that ended it, if any
+    error: str | None = None
+
+
+class Role:
+    """Base of the runtime roles; `generate` is the only thing the HTTP server needs besides stats."""
+
+    name = "base"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @classmethod
+    def create(cls, engine, tokenizer, args) -> Role:
+        """Build the role from the started engine, the model's tokenizer and the parsed command line."""
+        return cls(engine)
+
+    async def generate(self, job: Job) -> AsyncIterator[TokenEvent]:
+        raise TypeError(f"role {self.name!r} does not generate")
+        yield TokenEvent()  # makes this an async generator for type checkers and callers alike
+
+    def abort(self, rid: str) -> None:
+        self.engine.abort(rid)
+
+    def alive(self) -> bool:
+        return engine_alive(self.engine)
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+
+def make_engine(args, model_dir: str):
+    """The engine for a server's command line (not started)."""
+    from disaggctl.runtime.config import EngineConfig
+    from disaggctl.runtime.engine import Engine
+
+    return Engine(
+        EngineConfig(
+            model=model_dir,
+            dtype=args.dtype,
+            device=args.device,
+            page_size=args.page_size,
+            max_pages=args.max_pages,
+            max_batch=args.max_batch,
+            chunk_size=args.chunk_size,
+            max_model_len=args.max_model_len,
+        )
+    )
+
+
+def engine_alive(engine) -> bool:
+    alive = getattr(engine, "alive", None)
+    if callable(alive):
+        return bool(alive())
+    thread = getattr(engine, "thread", None) or getattr(engine, "_thread", None)
+    return thread is not None and thread.is_alive()
+
+
+class EngineStream:
+    """An asyncio queue fed from the engine thread with `RequestEvent`s of one request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def on_event(self, ev) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, ev)
+
+    async def next(self) -> TokenEvent:
+        return to_token_event(await self._queue.get())
+
+
+def to_token_event(ev) -> TokenEvent:
+    """The engine's RequestEvent, as the server sees it."""
+    error = getattr(ev, "error", None)
+    reason = getattr(ev, "finish_reason", None)
+    return TokenEvent(
+        token_ids=list(getattr(ev, "token_ids", None) or []),
+        finished=bool(getattr(ev, "finished", False) or reason is not None or error is not None),
+        finish_reason=reason if reason is not None else ("abort" if error is not None else None),
+        matched=getattr(ev, "matched", None),
+        error=str(error) if error is not None else None,
+    )
+
+
+def engine_sampling(job: Job, eos_token_ids: list[int]):
+    from disaggctl.runtime.sampling import SamplingParams
+
+    s = job.sampling
+    return SamplingParams(
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        seed=s.seed,
+        stop_token_ids=list(s.stop_token_ids) + ([] if s.ignore_eos else list(eos_token_ids)),
+        ignore_eos=s.ignore_eos,
+    )
+
+
+class ColocatedRole(Role):
+    """Prefill and decode in one engine (mode "normal")."""
+
+    name = "colocated"
+    mode = "normal"
+
+    def __init__(self, engine, eos_token_ids: list[int]):
+        super().__init__(engine)
+        self.eos_token_ids = eos_token_ids
+
+    @classmethod
+    def create(cls, engine, tokenizer, args) -> ColocatedRole:
+        return cls(engine, tokenizer.eos_token_ids)
+
+    async def generate(self, job: Job) -> AsyncIterator[TokenEvent]:
+        from disaggctl.runtime.engine import Request
+
+        stream = EngineStream(asyncio.get_running_loop())
+        req = Request(
+            rid=job.rid,
+            prompt_ids=list(job.prompt_ids),
+            sampling=engine_sampling(job, self.eos_token_ids),
+            mode=self.mode,
+            on_event=stream.on_event,
+        )
+        finished = False
+        try:
+            self.engine.add_request(req)
+            while not finished:
+                ev = await stream.next()
+                finished = ev.finished
+                yield ev
+        finally:
+            if not finished:  # the client went away or the server is stopping
+                self.abort(job.rid)
+
+
+ROLES: dict[str, type[Role]] = {"colocated": ColocatedRole}

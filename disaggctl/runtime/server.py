@@ -1,0 +1,625 @@
+"""HTTP server of a runtime process (`disaggctl serve colocated|prefill|decode`), on aiohttp.
+
+The server listens at once and answers `/health` with 503 while the model loads on a worker thread; the
+engine steps on its own thread, so the event loop only parses, tokenizes and formats. What happens to a
+request is up to the role object (roles.py); the server is the same for every role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from disaggctl import __version__
+from disaggctl.runtime.protocol import (
+    InvalidRequest,
+    Job,
+    check_prompt,
+    error_body,
+    parse_chat,
+    parse_completion,
+    parse_generate,
+    parse_json,
+)
+
+log = logging.getLogger("disaggctl.runtime.server")
+
+# Seconds a stopping server waits for in-flight requests before aborting them.
+DEFAULT_DRAIN_S = 5.0
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+def build_parser(role: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"disaggctl serve {role}", description=f"Run a {role} runtime server.")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument(
+        "--model", required=True, help="a local HF model directory or builtin:tiny / builtin:smollm2"
+    )
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument(
+        "--max-pages", type=int, default=None, help="KV pages in the pool (default: sized by the engine)"
+    )
+    ap.add_argument("--max-batch", type=int, default=None, help="most requests running at once")
+    ap.add_argument("--chunk-size", type=int, default=None, help="prefill chunk, in tokens")
+    ap.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument(
+        "--drain-timeout", type=float, default=DEFAULT_DRAIN_S, help="seconds to finish requests on stop"
+    )
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    if role == "prefill":
+        ap.add_argument(
+            "--bootstrap-port", type=int, required=True, help="the hand-off endpoint decode talks to"
+        )
+        ap.add_argument("--advertise-host", default=None, help="address peers use to reach this process")
+    if role in ("prefill", "decode"):
+        ap.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma", "nvlink"])
+        ap.add_argument("--ib-device", default="", help="RDMA devices, comma separated (mlx5_0,mlx5_1)")
+        ap.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV hand-off may take")
+    return ap
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 < args.port < 65536:
+        ap.error(f"--port must be in 1..65535, got {args.port}")
+    if getattr(args, "bootstrap_port", None) is not None and not 0 < args.bootstrap_port < 65536:
+        ap.error(f"--bootstrap-port must be in 1..65535, got {args.bootstrap_port}")
+    for name in ("page_size", "max_pages", "max_batch", "chunk_size", "max_model_len"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if getattr(args, "transfer_timeout", 1.0) <= 0:
+        ap.error("--transfer-timeout must be > 0")
+
+
+@dataclass
+class Counters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    success: int = 0
+    failure: int = 0
+    aborted: int = 0
+
+
+@dataclass
+class ServerState:
+    role_name: str
+    args: argparse.Namespace
+    model_name: str
+    role: object | None = None  # a roles.Role once the model is loaded
+    tokenizer: object | None = None
+    max_model_len: int = 0
+    vocab_size: int = 0
+    page_size: int = 0
+    load_error: str | None = None
+    stopping: bool = False
+    counters: Counters = field(default_factory=Counters)
+    in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
+
+    def ready(self) -> bool:
+        return self.role is not None and not self.stopping and self.role.alive()
+
+
+def json_error(message: str, status: int, type_: str = "invalid_request_error") -> web.Response:
+    return web.json_response(error_body(message, status, type_), status=status)
+
+
+def create_app(state: ServerState) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app["state"] = state
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/server_info", server_info)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/generate", generate)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    return app
+
+
+async def health(request: web.Request) -> web.Response:
+    st: ServerState = request.app["state"]
+    if st.ready():
+        return web.json_response({"status": "ok"})
+    reason = st.load_error or (
+        "stopping" if st.stopping else "loading" if st.role is None else "engine stopped"
+    )
+    return web.json_response({"status": reason}, status=503)
+
+
+async def server_info(request: web.Request) -> web.Response:
+    st: ServerState = request.app["state"]
+    return web.json_response(
+        {
+            "model": st.model_name,
+            "model_path": st.args.model,
+            "role": st.role_name,
+            "page_size": st.page_size or st.args.page_size,
+            "max_model_len": st.max_model_len,
+            "version": __version__,
+            "ready": st.ready(),
+        }
+    )
+
+
+async def models(request: web.Request) -> web.Response:
+    st: ServerState = request.app["state"]
+    card = {
+        "id": st.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "disaggctl",
+        "max_model_len": st.max_model_len,
+    }
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    st: ServerState = request.app["state"]
+    stats = engine_stats(st)
+    c = st.counters
+    lines = []
+
+    def metric(name: str, kind: str, help_: str, value) -> None:
+        lines.extend(
+            [
+                f"# HELP disaggctl_{name} {help_}",
+                f"# TYPE disaggctl_{name} {kind}",
+                f'disaggctl_{name}{{role="{st.role_name}"}} {value}',
+            ]
+        )
+
+    metric("num_requests_running", "gauge", "Requests in the running batch.", stats.get("running", 0))
+    metric("num_requests_waiting", "gauge", "Requests waiting to be scheduled.", stats.get("waiting", 0))
+    metric("kv_pages_used", "gauge", "KV cache pages in use.", stats.get("pages_used", 0))
+    metric("kv_pages_free", "gauge", "KV cache pages free.", stats.get("pages_free", 0))
+    metric("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", c.prompt_tokens)
+    metric("generation_tokens_total", "counter", "Tokens generated.", c.generation_tokens)
+    metric("request_success_total", "counter", "Requests that finished normally.", c.success)
+    metric("request_failure_total", "counter", "Requests that failed (rejected, engine error).", c.failure)
+    metric("request_aborted_total", "counter", "Requests aborted (client gone, server stopping).", c.aborted)
+    metric("in_flight_requests", "gauge", "Requests the HTTP server is serving.", len(st.in_flight))
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def engine_stats(st: ServerState) -> dict:
+    if st.role is None:
+        return {}
+    try:
+        stats = st.role.engine.stats()
+    except Exception:  # stats must never break /metrics
+        log.exception("engine stats failed")
+        return {}
+    return stats if isinstance(stats, dict) else vars(stats)
+
+
+# ---- request handling shared by the three APIs ----
+
+
+async def _read_job(request: web.Request, parse) -> Job:
+    st: ServerState = request.app["state"]
+    if not st.ready():
+        raise InvalidRequest(
+            "the server is not ready (model loading or stopping); retry later", 503, "service_unavailable"
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise InvalidRequest(f"request body too large (limit {MAX_BODY_BYTES} bytes)", 413) from e
+    job = parse(parse_json(raw))
+    if job.model is not None and job.api != "generate" and job.model != st.model_name:
+        raise InvalidRequest(
+            f"model {job.model!r} is not served here; this server serves {st.model_name!r}",
+            404,
+            "model_not_found",
+        )
+    tok = st.tokenizer
+    try:
+        if job.messages is not None:
+            job.prompt_ids = await asyncio.to_thread(tok.apply_chat_template, job.messages)
+        elif job.text is not None:
+            job.prompt_ids = await asyncio.to_thread(tok.encode, job.text)
+        else:
+            job.prompt_ids = list(job.input_ids)
+    except ValueError as e:  # tokenizer errors (no chat template, template failure) are the client's
+        raise InvalidRequest(str(e)) from e
+    check_prompt(job.prompt_ids, st.vocab_size, st.max_model_len, job.sampling)
+    job.rid = job.rid or uuid.uuid4().hex
+    if job.rid in st.in_flight:
+        raise InvalidRequest(f"a request with rid {job.rid!r} is already running", 409, "conflict")
+    return job
+
+
+@dataclass
+class Progress:
+    """What a request produced so far: ids, visible text, and how it ended."""
+
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    matched: int | str | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+
+async def run_job(st: ServerState, job: Job):
+    """Run a job through the role; yields (Progress, new_text) after each engine event, last one finished.
+
+    Stop strings are found here (they need text): the role is told to abort and the request ends with
+    finish reason "stop" and the matched string.
+    """
+    task = asyncio.current_task()
+    st.in_flight[job.rid] = task
+    st.counters.prompt_tokens += len(job.prompt_ids)
+    detok = st.tokenizer.detokenizer(job.sampling.stop, job.sampling.skip_special_tokens)
+    p = Progress()
+    agen = st.role.generate(job)
+    ok = False
+    try:
+        async for ev in agen:
+            if ev.token_ids and p.first_token_at is None:
+                p.first_token_at = time.monotonic()
+            p.output_ids.extend(ev.token_ids)
+            st.counters.generation_tokens += len(ev.token_ids)
+            delta = detok.add(ev.token_ids)
+            if detok.matched is not None:
+                p.finish_reason, p.matched = "stop", detok.matched
+                p.text = detok.text
+                await agen.aclose()  # leaves the engine through the role's abort
+                ok = True
+                yield p, delta
+                return
+            if ev.finished:
+                p.error = ev.error
+                p.finish_reason = ev.finish_reason or ("abort" if ev.error else "stop")
+                p.matched = ev.matched
+                delta += detok.finish()
+                if detok.matched is not None:
+                    p.finish_reason, p.matched = "stop", detok.matched
+                p.text = detok.text
+                ok = p.error is None and p.finish_reason != "abort"
+                if p.finish_reason == "abort" and p.error is None:
+                    st.counters.aborted += 1
+                yield p, delta
+                return
+            p.text = detok.text
+            yield p, delta
+    except asyncio.CancelledError:
+        st.counters.aborted += 1
+        ok = None
+        raise
+    finally:
+        await agen.aclose()
+        st.in_flight.pop(job.rid, None)
+        if ok:
+            st.counters.success += 1
+        elif ok is False and (p.error is not None or p.finish_reason != "abort"):
+            st.counters.failure += 1
+
+
+async def run_to_end(st: ServerState, job: Job) -> Progress:
+    last = Progress()
+    async for progress, _ in run_job(st, job):
+        last = progress
+    return last
+
+
+def _meta(job: Job, p: Progress) -> dict:
+    finish = None
+    if p.finish_reason is not None:
+        finish = {"type": p.finish_reason}
+        if p.matched is not None:
+            finish["matched"] = p.matched
+        if p.error is not None:
+            finish["message"] = p.error
+    return {
+        "id": job.rid,
+        "prompt_tokens": len(job.prompt_ids),
+        "completion_tokens": len(p.output_ids),
+        "finish_reason": finish,
+        "e2e_latency": round(time.monotonic() - p.started, 6),
+    }
+
+
+def _error_status(p: Progress) -> int:
+    return 503 if p.finish_reason == "abort" and p.error is None else 500
+
+
+async def _sse_start(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    return resp
+
+
+async def _sse(resp: web.StreamResponse, obj) -> None:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    await resp.write(f"data: {data}\n\n".encode())
+
+
+async def _guard(handler, request: web.Request) -> web.StreamResponse:
+    """Turns client mistakes into 4xx and anything unexpected into a 500, both with an error body."""
+    st: ServerState = request.app["state"]
+    try:
+        return await handler(request)
+    except InvalidRequest as e:
+        st.counters.failure += 1
+        return web.json_response(e.body(), status=e.status)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        log.exception("request failed")
+        st.counters.failure += 1
+        return json_error(f"internal error: {type(e).__name__}: {e}", 500, "internal_error")
+
+
+# ---- /generate ----
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _guard(_generate, request)
+
+
+async def _generate(request: web.Request) -> web.StreamResponse:
+    st: ServerState = request.app["state"]
+    job = await _read_job(request, parse_generate)
+    if not job.stream:
+        p = await run_to_end(st, job)
+        body = {"text": p.text, "output_ids": p.output_ids, "meta_info": _meta(job, p)}
+        if p.error is not None or p.finish_reason == "abort":
+            msg = p.error or "request aborted (server stopping)"
+            return web.json_response(
+                {**error_body(msg, _error_status(p), "engine_error"), **body}, status=_error_status(p)
+            )
+        return web.json_response(body)
+    resp = await _sse_start(request)
+    async for p, _ in run_job(st, job):
+        if p.error is not None:
+            await _sse(resp, error_body(p.error, 500, "engine_error"))
+            break
+        await _sse(resp, {"text": p.text, "output_ids": list(p.output_ids), "meta_info": _meta(job, p)})
+    await _sse(resp, "[DONE]")
+    await resp.write_eof()
+    return resp
+
+
+# ---- OpenAI ----
+
+
+def _openai_finish(p: Progress) -> str | None:
+    return p.finish_reason
+
+
+def _usage(job: Job, p: Progress) -> dict:
+    n = len(p.output_ids)
+    return {
+        "prompt_tokens": len(job.prompt_ids),
+        "completion_tokens": n,
+        "total_tokens": len(job.prompt_ids) + n,
+    }
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _guard(lambda r: _openai(r, parse_completion), request)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _guard(lambda r: _openai(r, parse_chat), request)
+
+
+async def _openai(request: web.Request, parse) -> web.StreamResponse:
+    st: ServerState = request.app["state"]
+    job = await _read_job(request, parse)
+    chat = job.api == "chat"
+    rid = ("chatcmpl-" if chat else "cmpl-") + job.rid
+    created = int(time.time())
+    head = {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": st.model_name,
+    }
+    if not job.stream:
+        p = await run_to_end(st, job)
+        if p.error is not None:
+            return json_error(p.error, 500, "engine_error")
+        if chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": p.text},
+                "logprobs": None,
+                "finish_reason": _openai_finish(p),
+            }
+        else:
+            choice = {"index": 0, "text": p.text, "logprobs": None, "finish_reason": _openai_finish(p)}
+        if p.matched is not None:
+            choice["matched_stop"] = p.matched
+        return web.json_response({**head, "choices": [choice], "usage": _usage(job, p)})
+
+    head["object"] = "chat.completion.chunk" if chat else "text_completion"
+    resp = await _sse_start(request)
+
+    def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict:
+        if chat:
+            d = (
+                {"role": "assistant", "content": ""}
+                if first
+                else ({"content": delta} if delta is not None else {})
+            )
+            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        out = {**head, "choices": [choice]}
+        if job.include_usage:
+            out["usage"] = None
+        return out
+
+    if chat:
+        await _sse(resp, chunk(None, None, first=True))
+    p = Progress()
+    async for p, delta in run_job(st, job):
+        if p.error is not None:
+            await _sse(resp, error_body(p.error, 500, "engine_error"))
+            break
+        if delta:
+            await _sse(resp, chunk(delta, None))
+        if p.finish_reason is not None:
+            await _sse(resp, chunk(None if chat else "", _openai_finish(p)))
+    if job.include_usage and p.error is None:
+        await _sse(resp, {**head, "choices": [], "usage": _usage(job, p)})
+    await _sse(resp, "[DONE]")
+    await resp.write_eof()
+    return resp
+
+
+# ---- process ----
+
+
+def load(st: ServerState, model_dir: str) -> None:
+    """Load the model and start the engine (worker thread: this takes seconds to minutes)."""
+    from disaggctl.runtime.roles import ROLES, make_engine
+    from disaggctl.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(model_dir)
+    engine = make_engine(st.args, model_dir)
+    engine.start()
+    role = ROLES[st.role_name].create(engine, tok, st.args)
+    st.tokenizer = tok
+    st.max_model_len = engine_max_model_len(engine, st.args)
+    st.vocab_size = engine_vocab_size(engine, tok)
+    st.page_size = st.args.page_size
+    st.role = role
+
+
+def engine_max_model_len(engine, args) -> int:
+    cfg = getattr(engine, "config", None)
+    return int(getattr(cfg, "max_model_len", None) or args.max_model_len)
+
+
+def engine_vocab_size(engine, tok) -> int:
+    mc = getattr(engine, "model_config", None)
+    return int(getattr(mc, "vocab_size", None) or tok.vocab_size)
+
+
+class Server:
+    """One runtime server: bind, load in the background, serve, drain on stop."""
+
+    def __init__(self, role_name: str, args: argparse.Namespace, model_dir: str):
+        name = args.served_model_name or args.model
+        self.state = ServerState(role_name=role_name, args=args, model_name=name)
+        self.model_dir = model_dir
+        self.runner: web.AppRunner | None = None
+        self.loaded = asyncio.Event()
+
+    async def start(self) -> None:
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
+        self.runner = web.AppRunner(create_app(self.state), handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.state.args.host, self.state.args.port, shutdown_timeout=1.0)
+        await site.start()
+        asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            await asyncio.to_thread(load, self.state, self.model_dir)
+            log.info("model loaded: %s (%s)", self.state.model_name, self.model_dir)
+        except Exception as e:
+            log.exception("model load failed")
+            self.state.load_error = f"model load failed: {type(e).__name__}: {e}"
+        finally:
+            self.loaded.set()
+
+    async def stop(self, drain_s: float) -> None:
+        st = self.state
+        st.stopping = True
+        if self.runner is not None:
+            for site in list(self.runner.sites):
+                await site.stop()  # stop accepting connections; open ones go on
+        deadline = time.monotonic() + drain_s
+        while st.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(st.in_flight):
+            log.warning("aborting request %s on shutdown", rid)
+            st.role.abort(rid)
+        deadline = time.monotonic() + 2.0
+        while st.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in list(st.in_flight.values()):
+            task.cancel()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.loaded.wait()
+        if st.role is not None:
+            await asyncio.to_thread(st.role.stop)
+
+
+async def serve(
+    role_name: str, args: argparse.Namespace, model_dir: str, stop: asyncio.Event | None = None
+) -> int:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests) or no signals here
+            pass
+    server = Server(role_name, args, model_dir)
+    try:
+        await server.start()
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    log.info("%s server listening on http://%s:%d", role_name, args.host, args.port)
+    stop_task = asyncio.ensure_future(stop.wait())
+    await asyncio.wait(
+        [stop_task, asyncio.ensure_future(server.loaded.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    if server.state.load_error is not None and not stop.is_set():
+        print(f"error: {server.state.load_error}", file=sys.stderr)
+        await server.stop(0.0)
+        return 1
+    await stop_task
+    log.info("stopping: draining for up to %.1fs", args.drain_timeout)
+    await server.stop(args.drain_timeout)
+    return 0
+
+
+def main(role: str, argv: list[str]) -> int:
+    from disaggctl.runtime.roles import ROLES
+
+    if role not in ROLES:
+        print(
+            f"error: the {role!r} role is not available in this version; available: {', '.join(ROLES)}",
+            file=sys.stderr,
+        )
+        return 2
+    ap = build_parser(role)
+    try:
+        args = ap.parse_args(argv)
+        check_args(ap, args)
+    except SystemExit as e:  # argparse already printed the usage and the message
+        return int(e.code or 0)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    from disaggctl.runtime.builtin import ModelError, resolve_model
+
+    try:
+        model_dir = resolve_model(args.model)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(role, args, model_dir))
+    except KeyboardInterrupt:
+        return 130

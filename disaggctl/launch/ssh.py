@@ -252,7 +252,10 @@ class SshConnection:
             raise SshError(t.host, f"SSH to {where} failed: {e}", "unreachable") from e
         except OSError as e:
             self._close_quietly()
-            raise SshError(t.host, f"cannot connect to {where}: {e.strerror or e}", "unreachable") from e
+            # paramiko's NoValidConnectionsError hides the per-address errno ("No route to host", ...)
+            inner = list(getattr(e, "errors", {}).values())
+            why = "; ".join(x.strerror or str(x) for x in inner) if inner else (e.strerror or str(e))
+            raise SshError(t.host, f"cannot connect to {where}: {why}", "unreachable") from e
         self._client = client
 
     def _close_quietly(self) -> None:

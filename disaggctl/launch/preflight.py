@@ -24,7 +24,7 @@ Runner = Callable[[str, float], tuple[int, str, str]]
 @dataclass(frozen=True)
 class Problem:
     host: str
-    check: str  # reachable | disaggctl | gpus | nics | ports | paths
+    check: str  # reachable | disaggctl | gpus | nics | ports | paths | spec | probe
     message: str
 
     def __str__(self) -> str:
@@ -163,7 +163,11 @@ def _local_runner(command: str, timeout: float) -> tuple[int, str, str]:
 def _check(host: Any, processes: list, connect_timeout_s: float) -> list[Problem]:
     if getattr(host, "local", False):
         return check_host(host, processes, _local_runner)
-    from disaggctl.launch.ssh import SshBackend, SshError
+    from disaggctl.launch.ssh import SshBackend, SshError, spec_problem
+
+    refused = [Problem(host.name, "spec", msg) for msg in map(spec_problem, processes) if msg]
+    if refused:
+        return refused
 
     try:
         backend = SshBackend(host, connect_timeout_s=connect_timeout_s)

@@ -351,6 +351,18 @@ def close_all() -> None:
 atexit.register(close_all)
 
 
+def spec_problem(spec: Any) -> str | None:
+    """Why `spec` cannot be launched safely (names become file names and `env` assignments), or None."""
+    if not _NAME.match(spec.name):
+        return f"process name {spec.name!r} is not a plain file name"
+    if not spec.argv:
+        return f"process {spec.name} has an empty command line"
+    for k in spec.env or {}:
+        if not _ENV_KEY.match(k):
+            return f"process {spec.name}: environment variable name {k!r} is not valid"
+    return None
+
+
 def shell_path(path: str) -> str:
     """Quote a path for the remote shell, keeping a leading `~/` meaning the remote home."""
     if path == "~":
@@ -466,16 +478,11 @@ class SshBackend:
 
     def start_command(self, spec: Any, run_dir: str) -> str:
         """The remote shell script that launches `spec` detached and prints pid, boot_id, dir, stat."""
+        problem = spec_problem(spec)
+        if problem:
+            raise self._fail(problem, "start")
         name = spec.name
-        if not _NAME.match(name):
-            raise self._fail(f"process name {name!r} is not a plain file name", "start")
-        if not spec.argv:
-            raise self._fail(f"process {name} has an empty command line", "start")
-        env = []
-        for k, v in (spec.env or {}).items():
-            if not _ENV_KEY.match(k):
-                raise self._fail(f"process {name}: environment variable name {k!r} is not valid", "start")
-            env.append(f"{k}={v}")
+        env = [f"{k}={v}" for k, v in (spec.env or {}).items()]
         q = shlex.quote
         command = shlex.join(["env", *env, *[str(a) for a in spec.argv]])
         inner = 'echo $$ > "$0.pid"; exec "$@"'  # the leader writes its own pid, then becomes the server

@@ -112,13 +112,16 @@ class ServerState:
         return self.role is not None and not self.stopping and self.role.alive()
 
 
+STATE = web.AppKey("state", ServerState)
+
+
 def json_error(message: str, status: int, type_: str = "invalid_request_error") -> web.Response:
     return web.json_response(error_body(message, status, type_), status=status)
 
 
 def create_app(state: ServerState) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app["state"] = state
+    app[STATE] = state
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/server_info", server_info)
@@ -130,7 +133,7 @@ def create_app(state: ServerState) -> web.Application:
 
 
 async def health(request: web.Request) -> web.Response:
-    st: ServerState = request.app["state"]
+    st: ServerState = request.app[STATE]
     if st.ready():
         return web.json_response({"status": "ok"})
     reason = st.load_error or (
@@ -140,7 +143,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def server_info(request: web.Request) -> web.Response:
-    st: ServerState = request.app["state"]
+    st: ServerState = request.app[STATE]
     return web.json_response(
         {
             "model": st.model_name,
@@ -155,7 +158,7 @@ async def server_info(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    st: ServerState = request.app["state"]
+    st: ServerState = request.app[STATE]
     card = {
         "id": st.model_name,
         "object": "model",
@@ -167,7 +170,7 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    st: ServerState = request.app["state"]
+    st: ServerState = request.app[STATE]
     stats = engine_stats(st)
     c = st.counters
     lines = []
@@ -209,7 +212,7 @@ def engine_stats(st: ServerState) -> dict:
 
 
 async def _read_job(request: web.Request, parse) -> Job:
-    st: ServerState = request.app["state"]
+    st: ServerState = request.app[STATE]
     if not st.ready():
         raise InvalidRequest(
             "the server is not ready (model loading or stopping); retry later", 503, "service_unavailable"
@@ -351,7 +354,7 @@ async def _sse(resp: web.StreamResponse, obj) -> None:
 
 async def _guard(handler, request: web.Request) -> web.StreamResponse:
     """Turns client mistakes into 4xx and anything unexpected into a 500, both with an error body."""
-    st: ServerState = request.app["state"]
+    st: ServerState = request.app[STATE]
     try:
         return await handler(request)
     except InvalidRequest as e:
@@ -373,7 +376,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request) -> web.StreamResponse:
-    st: ServerState = request.app["state"]
+    st: ServerState = request.app[STATE]
     job = await _read_job(request, parse_generate)
     if not job.stream:
         p = await run_to_end(st, job)
@@ -420,7 +423,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _openai(request: web.Request, parse) -> web.StreamResponse:
-    st: ServerState = request.app["state"]
+    st: ServerState = request.app[STATE]
     job = await _read_job(request, parse)
     chat = job.api == "chat"
     rid = ("chatcmpl-" if chat else "cmpl-") + job.rid
@@ -525,9 +528,11 @@ class Server:
 
     async def start(self) -> None:
         # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
-        self.runner = web.AppRunner(create_app(self.state), handler_cancellation=True, access_log=None)
+        self.runner = web.AppRunner(
+            create_app(self.state), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.state.args.host, self.state.args.port, shutdown_timeout=1.0)
+        site = web.TCPSite(self.runner, self.state.args.host, self.state.args.port)
         await site.start()
         asyncio.get_running_loop().create_task(self._load())
 
@@ -573,7 +578,11 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests) or no signals here
+        except (
+            NotImplementedError,
+            RuntimeError,
+            ValueError,
+        ):  # not the main thread (tests) or no signals here
             pass
     server = Server(role_name, args, model_dir)
     try:

@@ -124,7 +124,7 @@ class CommandResult:
     stderr: str
 
 
-def _make_accept_new_policy(known: paramiko.HostKeys, save_to: str, host: str):
+def _make_accept_new_policy(known: paramiko.HostKeys, save_to: str):
     """OpenSSH `accept-new`: add a key for a host we know nothing about; a host we already know under
     any key type never gets a new key this way (a changed key is refused by paramiko itself)."""
     import paramiko
@@ -175,7 +175,7 @@ class SshConnection:
             known.load(path)
         if t.accept_new_host_keys:
             save_to = os.path.expanduser(t.known_hosts or system)
-            client.set_missing_host_key_policy(_make_accept_new_policy(known, save_to, t.host))
+            client.set_missing_host_key_policy(_make_accept_new_policy(known, save_to))
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         return client, known

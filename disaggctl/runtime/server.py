@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -264,59 +265,59 @@ async def run_job(st: ServerState, job: Job):
     Stop strings are found here (they need text): the role is told to abort and the request ends with
     finish reason "stop" and the matched string.
     """
-    task = asyncio.current_task()
-    st.in_flight[job.rid] = task
+    st.in_flight[job.rid] = asyncio.current_task()
     st.counters.prompt_tokens += len(job.prompt_ids)
     detok = st.tokenizer.detokenizer(job.sampling.stop, job.sampling.skip_special_tokens)
     p = Progress()
-    agen = st.role.generate(job)
-    ok = False
-    try:
-        async for ev in agen:
-            if ev.token_ids and p.first_token_at is None:
-                p.first_token_at = time.monotonic()
-            p.output_ids.extend(ev.token_ids)
-            st.counters.generation_tokens += len(ev.token_ids)
-            delta = detok.add(ev.token_ids)
-            if detok.matched is not None:
-                p.finish_reason, p.matched = "stop", detok.matched
-                p.text = detok.text
-                await agen.aclose()  # leaves the engine through the role's abort
-                ok = True
-                yield p, delta
-                return
-            if ev.finished:
-                p.error = ev.error
-                p.finish_reason = ev.finish_reason or ("abort" if ev.error else "stop")
-                p.matched = ev.matched
-                delta += detok.finish()
+    # Whatever ends this generator early (client gone, handler cancelled, server stopping) is an abort.
+    outcome = "aborted"
+    async with contextlib.aclosing(st.role.generate(job)) as events:
+        try:
+            async for ev in events:
+                if ev.token_ids and p.first_token_at is None:
+                    p.first_token_at = time.monotonic()
+                p.output_ids.extend(ev.token_ids)
+                st.counters.generation_tokens += len(ev.token_ids)
+                delta = detok.add(ev.token_ids)
+                if ev.finished and detok.matched is None:
+                    p.error = ev.error
+                    p.finish_reason = ev.finish_reason or ("abort" if ev.error else "stop")
+                    p.matched = ev.matched
+                    delta += detok.finish()
                 if detok.matched is not None:
                     p.finish_reason, p.matched = "stop", detok.matched
                 p.text = detok.text
-                ok = p.error is None and p.finish_reason != "abort"
-                if p.finish_reason == "abort" and p.error is None:
-                    st.counters.aborted += 1
+                if p.finish_reason is None:
+                    yield p, delta
+                    continue
+                if p.error is not None:
+                    outcome = "failure"
+                elif p.finish_reason != "abort":
+                    outcome = "success"
+                await events.aclose()  # a stop string: the role aborts the request in the engine
                 yield p, delta
                 return
-            p.text = detok.text
-            yield p, delta
-    except asyncio.CancelledError:
-        st.counters.aborted += 1
-        ok = None
-        raise
-    finally:
-        await agen.aclose()
-        st.in_flight.pop(job.rid, None)
-        if ok:
-            st.counters.success += 1
-        elif ok is False and (p.error is not None or p.finish_reason != "abort"):
-            st.counters.failure += 1
+            p.error, p.finish_reason, outcome = (
+                "the engine ended the request without a result",
+                "abort",
+                "failure",
+            )
+            yield p, ""
+        finally:
+            st.in_flight.pop(job.rid, None)
+            if outcome == "success":
+                st.counters.success += 1
+            elif outcome == "failure":
+                st.counters.failure += 1
+            else:
+                st.counters.aborted += 1
 
 
 async def run_to_end(st: ServerState, job: Job) -> Progress:
     last = Progress()
-    async for progress, _ in run_job(st, job):
-        last = progress
+    async with contextlib.aclosing(run_job(st, job)) as events:
+        async for progress, _ in events:
+            last = progress
     return last
 
 
@@ -388,11 +389,12 @@ async def _generate(request: web.Request) -> web.StreamResponse:
             )
         return web.json_response(body)
     resp = await _sse_start(request)
-    async for p, _ in run_job(st, job):
-        if p.error is not None:
-            await _sse(resp, error_body(p.error, 500, "engine_error"))
-            break
-        await _sse(resp, {"text": p.text, "output_ids": list(p.output_ids), "meta_info": _meta(job, p)})
+    async with contextlib.aclosing(run_job(st, job)) as events:
+        async for p, _ in events:
+            if p.error is not None:
+                await _sse(resp, error_body(p.error, 500, "engine_error"))
+                break
+            await _sse(resp, {"text": p.text, "output_ids": list(p.output_ids), "meta_info": _meta(job, p)})
     await _sse(resp, "[DONE]")
     await resp.write_eof()
     return resp
@@ -436,8 +438,10 @@ async def _openai(request: web.Request, parse) -> web.StreamResponse:
     }
     if not job.stream:
         p = await run_to_end(st, job)
-        if p.error is not None:
-            return json_error(p.error, 500, "engine_error")
+        if p.error is not None or p.finish_reason == "abort":
+            return json_error(
+                p.error or "request aborted (server stopping)", _error_status(p), "engine_error"
+            )
         if chat:
             choice = {
                 "index": 0,
@@ -472,14 +476,15 @@ async def _openai(request: web.Request, parse) -> web.StreamResponse:
     if chat:
         await _sse(resp, chunk(None, None, first=True))
     p = Progress()
-    async for p, delta in run_job(st, job):
-        if p.error is not None:
-            await _sse(resp, error_body(p.error, 500, "engine_error"))
-            break
-        if delta:
-            await _sse(resp, chunk(delta, None))
-        if p.finish_reason is not None:
-            await _sse(resp, chunk(None if chat else "", _openai_finish(p)))
+    async with contextlib.aclosing(run_job(st, job)) as events:
+        async for p, delta in events:
+            if p.error is not None:
+                await _sse(resp, error_body(p.error, 500, "engine_error"))
+                break
+            if delta:
+                await _sse(resp, chunk(delta, None))
+            if p.finish_reason is not None:
+                await _sse(resp, chunk(None if chat else "", _openai_finish(p)))
     if job.include_usage and p.error is None:
         await _sse(resp, {**head, "choices": [], "usage": _usage(job, p)})
     await _sse(resp, "[DONE]")

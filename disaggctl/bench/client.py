@@ -191,7 +191,7 @@ async def send(session: aiohttp.ClientSession, target: Target, item: WorkItem) -
     except asyncio.TimeoutError:
         rec.error = "timeout"
     except aiohttp.ClientConnectorError as e:
-        rec.error = f"cannot connect: {e.os_error.strerror if e.os_error else e}"
+        rec.error = f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e.os_error}"
     except aiohttp.ServerDisconnectedError:
         rec.error = "server disconnected"
     except aiohttp.ClientPayloadError as e:
@@ -247,9 +247,33 @@ def new_session(timeout_s: float) -> aiohttp.ClientSession:
     )
 
 
+def _probe_timeout(session: aiohttp.ClientSession) -> aiohttp.ClientTimeout:
+    """Probes wait PROBE_TIMEOUT_S at most, and never longer than a request may (--timeout)."""
+    return aiohttp.ClientTimeout(total=min(PROBE_TIMEOUT_S, session.timeout.total or PROBE_TIMEOUT_S))
+
+
+class Unreachable(Exception):
+    """The server cannot be reached or says it is not ready: a one-line message."""
+
+
+async def check_ready(session: aiohttp.ClientSession, url: str) -> None:
+    """Fail fast, before sizing prompts or warming up, when nothing serves at `url`. Servers without
+    a /health route (404) are taken as ready."""
+    try:
+        async with session.get(url + "/health", timeout=_probe_timeout(session)) as resp:
+            if resp.status == 503:
+                raise Unreachable(
+                    f"{url} is not ready yet (/health: 503 {(await resp.text()).strip()[:100]})"
+                )
+    except aiohttp.ClientConnectorError as e:
+        raise Unreachable(f"cannot connect to {url}: {e.os_error.strerror or e.os_error}") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise Unreachable(f"{url}/health did not answer: {e.__class__.__name__}") from None
+
+
 async def _get_json(session: aiohttp.ClientSession, url: str) -> dict | None:
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as resp:
+        async with session.get(url, timeout=_probe_timeout(session)) as resp:
             if resp.status != 200:
                 return None
             return await resp.json(content_type=None)
@@ -298,8 +322,7 @@ async def detect_backend(session: aiohttp.ClientSession, url: str) -> str:
     models, else `generate` (whose first request then shows the real error)."""
     probe = {"text": "hi", "sampling_params": {"max_new_tokens": 1}, "stream": False}
     try:
-        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
-        async with session.post(url + "/generate", json=probe, timeout=timeout) as resp:
+        async with session.post(url + "/generate", json=probe, timeout=_probe_timeout(session)) as resp:
             if resp.status not in (404, 405):
                 return "generate"
     except (aiohttp.ClientError, asyncio.TimeoutError):

@@ -40,6 +40,7 @@ class Settings:
     vocab_size: int | None
     ignore_eos: bool
     deployment: str | None
+    prompts: list[str] | None  # the dataset file's prompts, read before any request goes out
 
 
 class BenchInputError(ValueError):
@@ -159,7 +160,7 @@ def bench(
 ) -> None:
     from rich.console import Console
 
-    from disaggctl.bench import report
+    from disaggctl.bench import report, workload
 
     err = Console(stderr=True)
     out = Console()
@@ -175,6 +176,10 @@ def bench(
         slo_ms = parse_slo(slo) if slo is not None else None
         if plot is not None:
             report.check_plot_support()
+        prompts = None
+        if dataset_path is not None:
+            load = workload.load_sharegpt if dataset == "sharegpt" else workload.load_prompts
+            prompts = load(dataset_path)
         deployment = None
         if url is None:
             url, deployment = deployment_url()
@@ -183,9 +188,9 @@ def bench(
             input_len=input_len, output_len=output_len, range_ratio=range_ratio, num_prompts=num_prompts,
             request_rate=request_rate, max_concurrency=max_concurrency, warmup=warmup, seed=seed,
             slo_ms=slo_ms, timeout=timeout, vocab_size=vocab_size, ignore_eos=ignore_eos,
-            deployment=deployment,
+            deployment=deployment, prompts=prompts,
         )  # fmt: skip
-    except (BenchInputError, report.ResultError, report.PlotUnavailable) as e:
+    except (BenchInputError, workload.WorkloadError, report.ResultError, report.PlotUnavailable) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
     raise typer.Exit(_run(settings, json_path, plot, out, err))
@@ -210,10 +215,8 @@ async def _make_workload(session, target, s: Settings, err):
     Returns it and the prompt format ("token_ids" or "text")."""
     from disaggctl.bench import client, workload
 
-    if s.dataset != "random":
-        assert s.dataset_path is not None
-        load = workload.load_sharegpt if s.dataset == "sharegpt" else workload.load_prompts
-        prompts = load(s.dataset_path)
+    if s.prompts is not None:
+        prompts = s.prompts
 
         def from_file(rng, n):
             return workload.file_prompts(rng, prompts, n, s.output_len, s.range_ratio)
@@ -255,6 +258,7 @@ async def _measure(s: Settings, err):
     _raise_fd_limit(s.num_prompts + s.warmup + 64)
     url = client.base_url(s.url)
     async with client.new_session(s.timeout) as session:
+        await client.check_ready(session, url)
         backend = s.backend if s.backend != "auto" else await client.detect_backend(session, url)
         model = s.model
         if backend != "generate" and model is None:
@@ -345,12 +349,12 @@ def _run(s: Settings, json_path: Path | None, plot_path: Path | None, out, err) 
     import asyncio
 
     from disaggctl.bench import metrics, report
-    from disaggctl.bench.client import StreamError
+    from disaggctl.bench.client import StreamError, Unreachable
     from disaggctl.bench.workload import WorkloadError
 
     try:
         records, duration, last_send, arrivals, context = asyncio.run(_measure(s, err))
-    except (BenchInputError, WorkloadError, StreamError) as e:
+    except (BenchInputError, WorkloadError, StreamError, Unreachable) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
     doc = report.result_document(metrics.summarize(records, duration, s.slo_ms), context)

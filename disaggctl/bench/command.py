@@ -162,7 +162,7 @@ def bench(
 
     from disaggctl.bench import report, workload
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     out = Console()
     try:
         if compare is not None:

@@ -93,7 +93,7 @@ def write_result(doc: dict, path: Path) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
 
 
-def _num(value: object, digits: int = 2) -> str:
+def fmt_number(value: object, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, int):
@@ -109,30 +109,30 @@ def render(doc: dict, console: Console) -> None:
     table.add_column("value", justify="right")
     rate = ctx.get("request_rate")
     rows = [
-        ("Successful requests", _num(doc["completed"])),
-        ("Failed requests", _num(doc["failed"])),
+        ("Successful requests", fmt_number(doc["completed"])),
+        ("Failed requests", fmt_number(doc["failed"])),
         ("Request rate (configured)", str(rate)),
         ("Max concurrency (configured)", str(ctx.get("max_concurrency") or "-")),
-        ("Benchmark duration (s)", _num(doc["duration"])),
-        ("Total input tokens", _num(doc["total_input_tokens"])),
-        ("Total output tokens", _num(doc["total_output_tokens"])),
-        ("Request throughput (req/s)", _num(doc["request_throughput"])),
-        ("Request goodput (req/s)", _num(doc["request_goodput"])),
-        ("Input token throughput (tok/s)", _num(doc["input_throughput"])),
-        ("Output token throughput (tok/s)", _num(doc["output_throughput"])),
-        ("Total token throughput (tok/s)", _num(doc["total_token_throughput"])),
-        ("Concurrency (mean in flight)", _num(doc["concurrency"])),
-        ("Peak concurrent requests", _num(doc["max_concurrent_requests"])),
+        ("Benchmark duration (s)", fmt_number(doc["duration"])),
+        ("Total input tokens", fmt_number(doc["total_input_tokens"])),
+        ("Total output tokens", fmt_number(doc["total_output_tokens"])),
+        ("Request throughput (req/s)", fmt_number(doc["request_throughput"])),
+        ("Request goodput (req/s)", fmt_number(doc["request_goodput"])),
+        ("Input token throughput (tok/s)", fmt_number(doc["input_throughput"])),
+        ("Output token throughput (tok/s)", fmt_number(doc["output_throughput"])),
+        ("Total token throughput (tok/s)", fmt_number(doc["total_token_throughput"])),
+        ("Concurrency (mean in flight)", fmt_number(doc["concurrency"])),
+        ("Peak concurrent requests", fmt_number(doc["max_concurrent_requests"])),
     ]
     if doc.get("mean_tokens_per_chunk") is not None:
-        rows.append(("Tokens per chunk (mean)", _num(doc["mean_tokens_per_chunk"])))
+        rows.append(("Tokens per chunk (mean)", fmt_number(doc["mean_tokens_per_chunk"])))
     for name, value in rows:
         table.add_row(name, value)
     for metric in LATENCY_METRICS:
         table.add_section()
         table.add_row(f"[bold]{LATENCY_TITLES[metric]}[/bold]", "")
         for stat in STATS:
-            table.add_row(f"  {stat} (ms)", _num(doc[f"{stat}_{metric}_ms"]))
+            table.add_row(f"  {stat} (ms)", fmt_number(doc[f"{stat}_{metric}_ms"]))
     if doc.get("slo_attainment"):
         table.add_section()
         slo = ctx.get("slo") or {}
@@ -166,7 +166,7 @@ def render_compare(a: dict, b: dict, names: tuple[str, str], console: Console) -
     table.add_column(f"B: {names[1]}", justify="right")
     table.add_column("B/A", justify="right")
     for label, va, vb, ratio in compare_rows(a, b):
-        table.add_row(label, _num(va), _num(vb), "-" if ratio is None else f"{ratio:.2f}x")
+        table.add_row(label, fmt_number(va), fmt_number(vb), "-" if ratio is None else f"{ratio:.2f}x")
     for side, doc in (("A", a), ("B", b)):
         ctx = doc["context"]
         console.print(

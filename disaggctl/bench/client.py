@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -334,10 +335,12 @@ async def measure_tokens_per_word(
     session: aiohttp.ClientSession, target: Target, words: list[str]
 ) -> tuple[float, float]:
     """Fit prompt tokens = a * words + b from two one-token requests, using the server's own count
-    (b absorbs a chat template). Raises StreamError when the server does not report prompt tokens."""
+    (b absorbs a chat template). The probes draw words the way random prompts do, so the ratio holds
+    for them. Raises StreamError when the server does not report prompt tokens."""
+    rng = random.Random(0)
     counts = []
-    for n in (16, 128):
-        text = " ".join(words[i % len(words)] for i in range(n))
+    for n in (32, 256):
+        text = " ".join(rng.choice(words) for _ in range(n))
         rec = await send(session, target, WorkItem(prompt_len=n, output_len=1, prompt=text))
         if rec.error or rec.prompt_tokens is None:
             raise StreamError(f"cannot size text prompts: {rec.error or 'no prompt token count reported'}")

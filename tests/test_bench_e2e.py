@@ -321,3 +321,12 @@ def test_without_url_or_deployment_says_what_to_do(disaggctl_home):
     result = CliRunner().invoke(app, ["bench", "--num-prompts", "1"])
     assert result.exit_code == 2
     assert "--url" in result.output and "Traceback" not in result.output
+
+
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with FaultServer("ok") as server:
+        result = CliRunner().invoke(app, ["bench", "--url", server.url, "--plot", str(tmp_path / "p.png")])
+        assert server.calls == 0  # nothing was sent
+    assert result.exit_code == 2
+    assert "--plot needs matplotlib" in result.output

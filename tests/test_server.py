@@ -492,6 +492,7 @@ def test_client_disconnect_frees_pages(tiny_server, stream):
 # ---- the process: argv, SIGTERM ----
 
 
+@pytest.mark.slow
 def test_bad_command_lines(cli, tmp_path):
     env = {**os.environ, "DISAGGCTL_CACHE": str(tmp_path)}
     cases = [

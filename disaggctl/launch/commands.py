@@ -1,28 +1,436 @@
-"""Placeholder until the launcher lands: the owner replaces this module."""
+"""The commands plan / up / status / logs / down: parse, call the supervisor, render.
+
+Exit codes: 0 ok, 1 runtime failure (or no deployment), 2 usage or topology error, 3 `status` found a
+process not running or not healthy, 130 interrupted. Data goes to stdout, progress and errors to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-
-def _missing() -> None:
-    typer.echo("error: this command is not built yet", err=True)
-    raise typer.Exit(1)
+SCHEMA_VERSION = 1
+EXIT_RUNTIME, EXIT_USAGE, EXIT_UNHEALTHY = 1, 2, 3
 
 
-def plan() -> None:
-    _missing()
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
 
 
-def up() -> None:
-    _missing()
+def _fail(message: str, code: int = EXIT_RUNTIME) -> typer.Exit:
+    _err(f"error: {message}")
+    return typer.Exit(code)
 
 
-def status() -> None:
-    _missing()
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
-def logs() -> None:
-    _missing()
+def _stdout_console():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 200  # a pipe or a file: keep rows whole instead of folding to 80 columns
+    return console
 
 
-def down() -> None:
-    _missing()
+def _load_plan(path: Path, engine: str | None = None) -> Any:
+    """Topology file -> Plan; topology errors are printed as `file:line: field: message`, exit 2."""
+    from disaggctl.topology.load import TopologyError, load_topology
+    from disaggctl.topology.plan import build_plan
+
+    try:
+        topo = load_topology(path)
+        if engine is not None:
+            topo = topo.model_copy(update={"engine": engine})
+        return build_plan(topo, str(path))
+    except TopologyError as e:
+        for line in str(e).splitlines():
+            _err(line)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _gpus(gpus: list[int]) -> str:
+    return ",".join(map(str, gpus)) or "-"
+
+
+# -- plan ---------------------------------------------------------------------------------------------
+
+
+def plan(
+    file: Annotated[Path, typer.Argument(help="Topology YAML file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option("--engine", help="embedded|sglang: override the topology's engine."),
+    ] = None,
+) -> None:
+    if engine is not None and engine not in ("embedded", "sglang"):
+        raise _fail(f"--engine must be embedded or sglang, got {engine!r}", EXIT_USAGE)
+    p = _load_plan(file, engine)
+    hashes = {proc.name: p.spec_hash(proc.name) for proc in p.processes}
+    commands = None
+    if p.engine == "sglang":
+        from disaggctl.topology.sglang import render_commands
+
+        commands = render_commands(p)
+    if json_out:
+        doc = {"schema_version": SCHEMA_VERSION, "plan": p.model_dump(mode="json"), "spec_hashes": hashes}
+        if commands is not None:
+            doc["commands"] = commands
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{p.name}: {p.kind}, engine {p.engine}, {len(p.processes)} processes")
+    for col in ("name", "role", "host", "GPUs", "NIC", "port", "bootstrap", "command"):
+        table.add_column(col, overflow="fold")
+    for proc in p.processes:
+        env = " ".join(
+            f"{k}={shlex.quote(str(v))}" for k, v in (proc.env or {}).items() if k != "PYTHONUNBUFFERED"
+        )
+        cmd = shlex.join(str(a) for a in proc.argv)
+        table.add_row(
+            proc.name,
+            proc.role,
+            f"{proc.host} ({proc.address})",
+            _gpus(proc.gpus),
+            ",".join(proc.nics) or "-",
+            str(proc.port),
+            str(proc.bootstrap_port or "-"),
+            f"{env} {cmd}".strip(),
+        )
+    out = _stdout_console()
+    out.print(table)
+    if commands is not None:
+        for host, lines in commands.items():
+            out.print(f"\n# on {host}", markup=False)
+            for line in lines:
+                out.print(line, markup=False, soft_wrap=True)
+
+
+# -- up -----------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Per-process state on stderr: a live table on a terminal, one line per change otherwise."""
+
+    def __init__(self, names: list[str]):
+        self.console = _stderr_console()
+        self.rows = dict.fromkeys(names, "pending")
+        self.since = time.monotonic()
+        self.live = None
+        self.lock = threading.Lock()
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False)
+
+    def _table(self):
+        from rich.table import Table
+
+        t = Table(title=f"disaggctl up ({time.monotonic() - self.since:.0f} s)", title_justify="left")
+        t.add_column("process")
+        t.add_column("state")
+        for name, what in self.rows.items():
+            style = (
+                "green" if what.startswith("healthy") else "red" if "exit" in what or "fail" in what else ""
+            )
+            t.add_row(name, f"[{style}]{what}[/]" if style else what)
+        return t
+
+    def __call__(self, name: str, what: str) -> None:
+        with self.lock:
+            if name == "-" or name not in self.rows:
+                self.console.print(f"{name if name != '-' else 'disaggctl'}: {what}", markup=False)
+                return
+            changed = self.rows.get(name) != what
+            self.rows[name] = what
+            if self.live is not None:
+                self.live.update(self._table())
+            elif changed:
+                self.console.print(f"{name}: {what}", markup=False)
+
+    def __enter__(self):
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.update(self._table())
+            self.live.stop()
+
+
+def _curl(url: str) -> str:
+    body = json.dumps(
+        {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 16, "temperature": 0}}
+    )
+    return (
+        f"curl -s {shlex.quote(url + '/generate')} -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
+
+
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def up(
+    file: Annotated[Path, typer.Argument(help="Topology YAML file.")],
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds each process may take to become healthy.")
+    ] = 600.0,
+    force_recreate: Annotated[
+        bool, typer.Option("--force-recreate", help="Restart processes whose spec changed.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+) -> None:
+    if timeout <= 0:
+        raise _fail("--timeout must be positive", EXIT_USAGE)
+    p = _load_plan(file)
+    from disaggctl.launch import state, supervisor
+
+    # `kill` of `up` must stop what it started, as Ctrl-C does
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        with _Progress([proc.name for proc in p.processes]) as progress:
+            result = supervisor.up(p, timeout_s=timeout, force_recreate=force_recreate, report=progress)
+    except supervisor.LaunchError as e:
+        for line in e.log_tail:
+            _err(f"  {e.process} | {line}" if e.process else f"  {line}")
+        raise _fail(str(e)) from None
+    except state.StateError as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        _err("interrupted: stopped what this up had started")
+        raise typer.Exit(130) from None
+    if json_out:
+        doc = {"schema_version": SCHEMA_VERSION, "name": p.name, **result.__dict__}
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    if result.stale:
+        _err(f"restarted {len(result.stale)} process(es) found dead: {', '.join(result.stale)}")
+    if not result.started:
+        typer.echo(f"{p.name}: already running ({len(result.kept)} processes, spec unchanged)")
+    else:
+        kept = f", {len(result.kept)} already running" if result.kept else ""
+        typer.echo(f"{p.name}: started {len(result.started)} process(es) in {result.seconds:.1f} s{kept}")
+    if result.proxy_url:
+        typer.echo(f"proxy: {result.proxy_url}")
+        typer.echo(f"try:   {_curl(result.proxy_url)}")
+
+
+# -- status -------------------------------------------------------------------------------------------
+
+
+def _uptime(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _resolve(name: str | None) -> str:
+    from disaggctl.launch import state
+
+    try:
+        return state.resolve_name(name)
+    except state.AmbiguousDeployment as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    except state.StateError as e:
+        raise _fail(str(e)) from None
+
+
+def status(
+    name: Annotated[str | None, typer.Argument(help="Deployment name (default: the only one).")] = None,
+    name_opt: Annotated[str | None, typer.Option("--name", help="Deployment name.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+) -> None:
+    from disaggctl.launch import state, supervisor
+
+    dep = _resolve(name or name_opt)
+    try:
+        st = state.load(dep)
+    except state.StateError as e:
+        raise _fail(str(e)) from None
+    if st is None:
+        raise _fail(f"no deployment named {dep!r}")
+    rows = supervisor.status(st)
+    now = time.time()
+    healthy = bool(rows) and all(r.healthy for r in rows)
+    if json_out:
+        procs = []
+        for r in rows:
+            rec = r.rec
+            procs.append(
+                {
+                    "name": rec.name,
+                    "role": rec.role,
+                    "host": rec.host,
+                    "gpus": rec.gpus,
+                    "nics": rec.nics,
+                    "port": rec.port,
+                    "bootstrap_port": rec.bootstrap_port,
+                    "url": rec.url,
+                    "pid": rec.pid,
+                    "alive": r.alive,
+                    "healthy": r.healthy,
+                    "health": r.health.detail if r.health else ("dead" if r.alive is False else "unknown"),
+                    "http_status": r.health.status if r.health else None,
+                    "uptime_s": round(now - rec.started_at, 1) if r.alive else None,
+                    "log_path": rec.log_path,
+                    "error": r.error or None,
+                }
+            )
+        doc = {"schema_version": SCHEMA_VERSION, "name": st.name, "source": st.source, "healthy": healthy}
+        doc["processes"] = procs
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(
+            title=f"{st.name} ({st.kind or 'deployment'}, engine {st.engine})", title_justify="left"
+        )
+        for col in ("process", "role", "host", "GPUs", "NIC", "ports", "pid", "alive", "health", "uptime"):
+            table.add_column(col)
+        for r in rows:
+            rec = r.rec
+            ports = str(rec.port or "-") + (f" (+{rec.bootstrap_port})" if rec.bootstrap_port else "")
+            alive = {True: "[green]yes[/]", False: "[red]no[/]", None: "[yellow]?[/]"}[r.alive]
+            if r.health is not None:
+                hl = f"[green]{r.health.detail}[/]" if r.health.ok else f"[red]{r.health.detail}[/]"
+            else:
+                hl = f"[yellow]unknown: {r.error}[/]" if r.alive is None else "[red]-[/]"
+            table.add_row(
+                rec.name,
+                rec.role,
+                rec.host,
+                _gpus(rec.gpus),
+                ",".join(rec.nics) or "-",
+                ports,
+                str(rec.pid),
+                alive,
+                hl,
+                _uptime(now - rec.started_at) if r.alive else "-",
+            )
+        _stdout_console().print(table)
+        proxy = st.proxy()
+        if proxy is not None:
+            typer.echo(f"proxy: {proxy.url}")
+        dead = [r.rec.name for r in rows if r.alive is False]
+        if dead:
+            _err(f"not running: {', '.join(dead)} (stale; `disaggctl down` cleans up, `up` restarts them)")
+    if not healthy:
+        raise typer.Exit(EXIT_UNHEALTHY)
+
+
+# -- logs ---------------------------------------------------------------------------------------------
+
+
+def logs(
+    target: Annotated[str | None, typer.Argument(help="A process (prefill-0) or a role (decode).")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    lines: Annotated[
+        int | None, typer.Option("--tail", "-n", help="Only the last N lines of each log.")
+    ] = None,
+    no_color: Annotated[bool, typer.Option("--no-color", help="No colours.")] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Deployment name (default: the only one).")
+    ] = None,
+) -> None:
+    from disaggctl.launch import logview, state, supervisor
+
+    if lines is not None and lines < 0:
+        raise _fail("--tail must be 0 or more", EXIT_USAGE)
+    dep = _resolve(name)
+    try:
+        st = state.load(dep)
+    except state.StateError as e:
+        raise _fail(str(e)) from None
+    if st is None:
+        raise _fail(f"no deployment named {dep!r}")
+    try:
+        chosen = logview.select(st.processes, target)
+    except ValueError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    prefix = logview.Prefixer([r.name for r in chosen], logview.want_colour(no_color, sys.stdout))
+    backends = supervisor.Backends()
+    sources = [(r, backends.get(st.host(r.host))) for r in chosen]
+    out = sys.stdout
+    try:
+        if not follow:
+            for rec, backend in sources:
+                try:
+                    got = backend.read_log(rec, lines)
+                except Exception as e:
+                    _err(f"error: {rec.name}: cannot read the log: {e}")
+                    continue
+                for line in got:
+                    out.write(prefix(rec.name, line) + "\n")
+            out.flush()
+            return
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        try:
+            for proc_name, line in logview.follow_all(sources, lines if lines is not None else 10, stop):
+                out.write(prefix(proc_name, line) + "\n")
+                out.flush()
+        finally:
+            stop.set()
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    except BrokenPipeError:
+        raise typer.Exit(0) from None
+
+
+# -- down ---------------------------------------------------------------------------------------------
+
+
+def down(
+    timeout: Annotated[
+        float, typer.Option("--timeout", "-t", help="Seconds between SIGTERM and SIGKILL, per process.")
+    ] = 20.0,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Deployment name (default: the only one).")
+    ] = None,
+) -> None:
+    from disaggctl.launch import state, supervisor
+
+    if timeout < 0:
+        raise _fail("--timeout must be 0 or more", EXIT_USAGE)
+    try:
+        dep = state.resolve_name(name)
+    except state.NoDeployment as e:
+        _err(f"{e}; nothing to stop")
+        return
+    except state.StateError as e:
+        code = EXIT_USAGE if isinstance(e, state.AmbiguousDeployment) else EXIT_RUNTIME
+        raise _fail(str(e), code) from None
+    console = _stderr_console()
+
+    def report(proc: str, what: str) -> None:
+        if what != "stopping":
+            console.print(f"{proc}: {what}", markup=False)
+
+    try:
+        outcomes = supervisor.down(dep, grace_s=timeout, report=report)
+    except (supervisor.LaunchError, state.StateError) as e:
+        raise _fail(str(e)) from None
+    if outcomes and all(o == "gone" for _, o in outcomes):
+        typer.echo(f"{dep}: stale state (no process was running); cleaned up")
+    else:
+        running = sum(o != "gone" for _, o in outcomes)
+        typer.echo(f"{dep}: stopped {running} process(es)")

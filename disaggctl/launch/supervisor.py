@@ -1,0 +1,408 @@
+"""Turn a Plan into running processes and back: ordered start with health waits, status, ordered stop.
+
+Start order is by level (encoders, prefills, decodes, colocated, proxy); the processes of one level
+start together and the next level starts once all of them answer `GET /health` with 200. The state
+file is rewritten after every start, so whatever happens a later `down` finds what is running.
+A host the plan marks `local` gets `local.LocalBackend`; any other host `ssh.SshBackend` (paramiko is
+imported only then).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from disaggctl.launch import health, state
+from disaggctl.launch.local import LocalBackend
+from disaggctl.launch.state import DeploymentState, HostRecord, ProcRecord
+
+LEVELS = ("encoder", "prefill", "decode", "colocated", "proxy")
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_GRACE_S = 20.0
+POLL_S = 0.5
+LOG_TAIL = 20
+
+Report = Callable[[str, str], None]  # (process name, what is happening to it)
+
+
+def _quiet(name: str, what: str) -> None:
+    pass
+
+
+class LaunchError(RuntimeError):
+    """A failure of up/down; `str()` is the one-line reason, `log_tail` the failed process's last lines."""
+
+    def __init__(self, message: str, log_tail: list[str] | None = None, process: str | None = None):
+        super().__init__(message)
+        self.log_tail = log_tail or []
+        self.process = process
+
+
+class DriftError(LaunchError):
+    """The running deployment was started from a different spec."""
+
+
+@dataclass
+class UpResult:
+    started: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    recreated: list[str] = field(default_factory=list)
+    proxy_url: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class ProcStatus:
+    rec: ProcRecord
+    alive: bool | None  # None: the host could not be asked
+    health: health.Health | None
+    error: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.alive and self.health and self.health.ok)
+
+
+def level_of(role: str) -> int:
+    return LEVELS.index(role) if role in LEVELS else len(LEVELS)
+
+
+def levels(items: list, role: Callable[[Any], str] = lambda p: p.role) -> list[list]:
+    """`items` grouped by start level, in start order (the order inside a level is kept)."""
+    groups: dict[int, list] = {}
+    for it in items:
+        groups.setdefault(level_of(role(it)), []).append(it)
+    return [groups[k] for k in sorted(groups)]
+
+
+def host_record(h: Any) -> HostRecord:
+    ssh = getattr(h, "ssh", None)
+    if ssh is not None and hasattr(ssh, "model_dump"):
+        ssh = ssh.model_dump(mode="json")
+    return HostRecord(
+        name=h.name,
+        address=h.address,
+        local=bool(getattr(h, "local", True)),
+        python=getattr(h, "python", None),
+        run_dir=getattr(h, "run_dir", None),
+        ssh=ssh,
+    )
+
+
+class Backends:
+    """One backend per host for the lifetime of one command."""
+
+    def __init__(self) -> None:
+        self._local = LocalBackend()
+        self._remote: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, host: HostRecord) -> Any:
+        if host.local:
+            return self._local
+        with self._lock:
+            if host.name not in self._remote:
+                from disaggctl.launch.ssh import SshBackend
+
+                self._remote[host.name] = SshBackend(host)
+            return self._remote[host.name]
+
+
+def run_dir(deployment: str, host: HostRecord) -> str:
+    if host.local:
+        return str(state.log_dir(deployment))
+    return host.run_dir or f"~/.disaggctl/run/{deployment}"
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+# -- up -----------------------------------------------------------------------------------------------
+
+
+def up(
+    plan: Any,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    force_recreate: bool = False,
+    report: Report = _quiet,
+    check_hosts: bool = True,
+    grace_s: float = DEFAULT_GRACE_S,
+) -> UpResult:
+    """Bring the deployment to the plan. Starts what is missing, leaves alone what runs with the same spec
+    hash, refuses (DriftError) what runs with another spec unless `force_recreate`. On failure, stops
+    what this call started and raises LaunchError."""
+    t0 = time.monotonic()
+    result = UpResult()
+    backends = Backends()
+    hosts = {h.name: host_record(h) for h in plan.hosts}
+    specs = {p.name: p for p in plan.processes}
+    hashes = {p.name: plan.spec_hash(p.name) for p in plan.processes}
+    with state.locked(plan.name):
+        st = state.load(plan.name)
+        keep: list[ProcRecord] = []
+        if st is not None:
+            changed: list[ProcRecord] = []
+            stale: list[ProcRecord] = []
+            for rec, alive, err in _probe_alive(st, backends):
+                if err:
+                    raise LaunchError(f"cannot check {rec.name} on host {rec.host}: {err}", process=rec.name)
+                if not alive:
+                    stale.append(rec)
+                    report(rec.name, "not running (stale record)")
+                elif rec.name not in specs or rec.spec_hash != hashes[rec.name]:
+                    changed.append(rec)
+                else:
+                    keep.append(rec)
+            if changed and not force_recreate:
+                names = ", ".join(r.name for r in changed)
+                raise DriftError(
+                    f"deployment {plan.name} is running with a different spec for {names}; "
+                    "run `disaggctl down` first, or `up --force-recreate`"
+                )
+            # A dead leader may leave live members of its process group (holding ports): stop them too.
+            _stop_all(st, stale + changed, backends, grace_s, report)
+            result.stale = [r.name for r in stale]
+            result.recreated = [r.name for r in changed]
+        st = DeploymentState(
+            name=plan.name,
+            source=str(getattr(plan, "source", "") or ""),
+            engine=str(getattr(plan, "engine", "embedded")),
+            kind=str(getattr(plan, "kind", "")),
+            created_at=st.created_at if st is not None and keep else time.time(),
+            hosts=list(hosts.values()),
+            processes=keep,
+        )
+        result.kept = [r.name for r in keep]
+        to_start = [p for p in plan.processes if p.name not in set(result.kept)]
+        if not to_start:
+            state.save(st)
+            result.proxy_url = _proxy_url(st)
+            result.seconds = time.monotonic() - t0
+            return result
+        if check_hosts:
+            _preflight(plan, to_start)
+        if st.processes:
+            state.save(st)
+        else:
+            state.remove(plan.name)  # nothing runs yet: the first start writes the state
+        started: list[ProcRecord] = []
+        try:
+            for level in levels(to_start):
+                recs = _start_level(st, level, hosts, hashes, backends, started, report)
+                _wait_healthy(recs, backends, hosts, timeout_s, report)
+        except BaseException as e:
+            if started:
+                report("-", f"stopping what this up started ({len(started)} process(es))")
+                try:
+                    _stop_all(st, started, backends, grace_s, report)
+                except LaunchError as stop_error:
+                    if isinstance(e, LaunchError):
+                        raise LaunchError(f"{e}; and then {stop_error}", e.log_tail, e.process) from e
+                    raise
+            if not st.processes:
+                state.remove(plan.name)
+            raise
+        result.started = [r.name for r in started]
+        result.proxy_url = _proxy_url(st)
+        result.seconds = time.monotonic() - t0
+        return result
+
+
+def _proxy_url(st: DeploymentState) -> str | None:
+    proxy = st.proxy()
+    return proxy.url if proxy is not None else None
+
+
+def _preflight(plan: Any, to_start: list) -> None:
+    from disaggctl.launch.preflight import preflight
+
+    names = {p.host for p in to_start}
+    problems = preflight([h for h in plan.hosts if h.name in names], plan, processes=to_start)
+    if problems:
+        lines = [str(p) for p in problems]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise LaunchError(f"pre-flight: {lines[0]}{more}", log_tail=lines)
+
+
+def _start_level(
+    st: DeploymentState,
+    level: list,
+    hosts: dict[str, HostRecord],
+    hashes: dict[str, str],
+    backends: Backends,
+    started: list[ProcRecord],
+    report: Report,
+) -> list[ProcRecord]:
+    lock = threading.Lock()
+
+    def start_one(spec: Any) -> ProcRecord:
+        host = hosts[spec.host]
+        report(spec.name, "starting")
+        try:
+            rec = backends.get(host).start(spec, run_dir(st.name, host))
+        except Exception as e:
+            raise LaunchError(f"{spec.name}: {_describe(e)}", process=spec.name) from e
+        rec = rec.model_copy(
+            update={
+                "spec_hash": hashes[spec.name],
+                "role": spec.role,
+                "address": spec.address,
+                "gpus": list(spec.gpus or []),
+                "nics": list(spec.nics or []),
+                "port": spec.port,
+                "bootstrap_port": spec.bootstrap_port,
+                "health_path": spec.health_path or "/health",
+            }
+        )
+        with lock:
+            st.processes.append(rec)
+            started.append(rec)
+            state.save(st)
+        report(spec.name, f"started, pid {rec.pid}")
+        return rec
+
+    with ThreadPoolExecutor(max_workers=min(16, len(level))) as pool:
+        futures = [pool.submit(start_one, spec) for spec in level]
+        errors = [f.exception() for f in futures]
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise failed[0]
+    return [f.result() for f in futures]
+
+
+def _wait_healthy(
+    recs: list[ProcRecord], backends: Backends, hosts: dict[str, HostRecord], timeout_s: float, report: Report
+) -> None:
+    pending = {r.name: r for r in recs}
+    while pending:
+        for name, rec in list(pending.items()):
+            h = health.probe(rec.url, rec.health_path)
+            waited = time.time() - rec.started_at
+            if h.ok:
+                report(name, f"healthy ({waited:.1f} s)")
+                del pending[name]
+                continue
+            backend = backends.get(hosts[rec.host])
+            try:
+                alive = backend.alive(rec)
+            except Exception as e:
+                raise LaunchError(f"{name}: cannot check the process: {_describe(e)}", process=name) from e
+            if not alive:
+                code = getattr(backend, "exit_code", lambda r: None)(rec)
+                how = f" with status {code}" if code is not None else ""
+                report(name, "exited")
+                raise LaunchError(
+                    f"{name} exited{how} before it became healthy (log: {rec.log_path})",
+                    _tail(backend, rec),
+                    name,
+                )
+            if waited > timeout_s:
+                report(name, "timed out")
+                raise LaunchError(
+                    f"{name} not healthy after {timeout_s:g} s (last probe: {h.detail}; log: {rec.log_path})",
+                    _tail(backend, rec),
+                    name,
+                )
+            report(name, f"waiting for health: {h.detail}")
+        if pending:
+            time.sleep(POLL_S)
+
+
+def _tail(backend: Any, rec: ProcRecord) -> list[str]:
+    try:
+        return backend.read_log(rec, LOG_TAIL)
+    except Exception as e:
+        return [f"(cannot read the log: {_describe(e)})"]
+
+
+# -- down ---------------------------------------------------------------------------------------------
+
+
+def _stop_all(
+    st: DeploymentState,
+    recs: list[ProcRecord],
+    backends: Backends,
+    grace_s: float,
+    report: Report,
+) -> list[tuple[str, str]]:
+    """Stop `recs` level by level in reverse start order (proxy first), each level in parallel. Stopped
+    records leave the state (saved after each level); raises LaunchError if some could not be stopped."""
+    outcomes: list[tuple[str, str]] = []
+    failures: list[str] = []
+
+    def stop_one(rec: ProcRecord) -> str:
+        report(rec.name, "stopping")
+        return backends.get(st.host(rec.host)).stop(rec, grace_s)
+
+    for level in reversed(levels(recs)):
+        with ThreadPoolExecutor(max_workers=min(16, len(level))) as pool:
+            futures = [(rec, pool.submit(stop_one, rec)) for rec in level]
+        for rec, fut in futures:
+            err = fut.exception()
+            if err is not None:
+                failures.append(f"{rec.name}: {_describe(err)}")
+                report(rec.name, f"stop failed: {_describe(err)}")
+                continue
+            outcome = fut.result()
+            outcomes.append((rec.name, outcome))
+            report(rec.name, outcome)
+            st.processes = [p for p in st.processes if p.name != rec.name]
+        if st.processes:
+            state.save(st)
+    if failures:
+        raise LaunchError(f"could not stop {len(failures)} process(es): {'; '.join(failures)}")
+    return outcomes
+
+
+def down(name: str, *, grace_s: float = DEFAULT_GRACE_S, report: Report = _quiet) -> list[tuple[str, str]]:
+    """Stop every process of the deployment and forget it. -> [(process, "stopped"|"killed"|"gone")]."""
+    with state.locked(name):
+        st = state.load(name)
+        if st is None:
+            raise state.NoDeployment(f"no deployment named {name!r}")
+        backends = Backends()
+        try:
+            outcomes = _stop_all(st, list(st.processes), backends, grace_s, report)
+        finally:
+            if not st.processes:
+                state.remove(name)
+        return outcomes
+
+
+# -- status -------------------------------------------------------------------------------------------
+
+
+def _probe_alive(st: DeploymentState, backends: Backends) -> list[tuple[ProcRecord, bool | None, str]]:
+    def one(rec: ProcRecord) -> tuple[ProcRecord, bool | None, str]:
+        try:
+            return rec, bool(backends.get(st.host(rec.host)).alive(rec)), ""
+        except Exception as e:
+            return rec, None, _describe(e)
+
+    if not st.processes:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(st.processes))) as pool:
+        return list(pool.map(one, st.processes))
+
+
+def status(st: DeploymentState, timeout_s: float = health.DEFAULT_TIMEOUT_S) -> list[ProcStatus]:
+    """Re-probe every process of the state: alive (identity-checked) and, if alive, its health."""
+    backends = Backends()
+
+    def one(item: tuple[ProcRecord, bool | None, str]) -> ProcStatus:
+        rec, alive, err = item
+        h = health.probe(rec.url, rec.health_path, timeout_s) if alive else None
+        return ProcStatus(rec, alive, h, err)
+
+    alive = _probe_alive(st, backends)
+    if not alive:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(alive))) as pool:
+        return list(pool.map(one, alive))

@@ -1,0 +1,139 @@
+"""`disaggctl plan` (table, --json, --engine sglang, topology errors) and the start-up cost of `status`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from disaggctl.launch import state
+
+TOPOLOGY = """\
+name: plan-test
+model: {path: builtin:tiny}
+hosts:
+  - {name: node0, address: 127.0.0.1, gpus: 8, nics: [mlx5_0, mlx5_1]}
+prefill: {replicas: 2, tp: 2, hosts: [node0]}
+decode: {replicas: 1, tp: 4, hosts: [node0]}
+proxy: {host: node0, port: 8000}
+"""
+
+
+def run(cli, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def planner():
+    return pytest.importorskip("disaggctl.topology.plan", reason="needs the topology planner")
+
+
+@pytest.fixture
+def topo(tmp_path):
+    path = tmp_path / "pd.yaml"
+    path.write_text(TOPOLOGY)
+    return path
+
+
+def test_plan_json_is_the_planners_plan(cli, planner, topo):
+    from disaggctl.topology.load import load_topology
+
+    expected = planner.build_plan(load_topology(topo), str(topo))
+    res = run(cli, "plan", str(topo), "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["plan"] == expected.model_dump(mode="json")
+    assert doc["spec_hashes"] == {p.name: expected.spec_hash(p.name) for p in expected.processes}
+    assert [p["name"] for p in doc["plan"]["processes"]] == ["prefill-0", "prefill-1", "decode-0", "proxy"]
+
+
+def test_plan_table_lists_every_process(cli, planner, topo):
+    res = run(cli, "plan", str(topo))
+    assert res.returncode == 0, res.stderr
+    for name in ("prefill-0", "prefill-1", "decode-0", "proxy"):
+        assert name in res.stdout
+    assert "serve prefill" in res.stdout and "--bootstrap-port" in res.stdout
+
+
+def test_plan_sglang_prints_commands_per_host(cli, planner, topo):
+    from disaggctl.topology.load import load_topology
+
+    from disaggctl.topology import sglang
+
+    res = run(cli, "plan", str(topo), "--engine", "sglang")
+    assert res.returncode == 0, res.stderr
+    topology = load_topology(topo).model_copy(update={"engine": "sglang"})
+    expected = sglang.render_commands(planner.build_plan(topology, str(topo)))
+    for host, lines in expected.items():
+        assert f"# on {host}" in res.stdout
+        for line in lines:
+            assert line in res.stdout
+
+
+def test_plan_topology_error_names_file_and_line(cli, planner, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TOPOLOGY.replace("replicas: 2", "replicas: two"))
+    res = run(cli, "plan", str(bad))
+    assert res.returncode == 2
+    assert re.search(rf"{re.escape(str(bad))}:5: .*replicas", res.stderr), res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_plan_bad_engine_is_a_usage_error(cli, tmp_path):
+    res = run(cli, "plan", str(tmp_path / "x.yaml"), "--engine", "vllm")
+    assert res.returncode == 2 and "--engine must be embedded or sglang" in res.stderr
+
+
+# -- status start-up --------------------------------------------------------------------------------------
+
+PROBE = """
+import runpy, sys
+sys.argv = ["disaggctl", "status", "--json"]
+try:
+    runpy.run_module("disaggctl", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "aiohttp", "paramiko", "numpy")
+               or m.startswith(("disaggctl.runtime", "disaggctl.transfer")))
+print("HEAVY", heavy, "EXIT", code, file=sys.stderr)
+"""
+
+
+def _record(name: str, url: str) -> state.ProcRecord:
+    return state.ProcRecord(
+        name=name, host="local", pid=1, start_time=0.0, log_path="/nonexistent", started_at=time.time(),
+        spec_hash="h", url=url, backend="local", role="proxy",
+    )  # fmt: skip
+
+
+def test_status_imports_nothing_heavy_and_starts_fast(cli, disaggctl_home):
+    # a deployment whose only process is dead (pid 1 with another start time): status exits 3
+    st = state.DeploymentState(
+        name="quick",
+        created_at=time.time(),
+        hosts=[state.HostRecord(name="local", address="127.0.0.1")],
+        processes=[_record("proxy", "http://127.0.0.1:9")],
+    )
+    state.save(st)
+    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60)
+    assert "HEAVY [] EXIT 3" in res.stderr, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["processes"][0]["alive"] is False and doc["healthy"] is False
+    t0 = time.monotonic()
+    timed = run(cli, "status")
+    wall = time.monotonic() - t0
+    print(f"\n`disaggctl status` wall time: {wall:.2f} s")
+    assert timed.returncode == 3 and "proxy" in timed.stdout
+    assert wall < 3.0
+
+
+def test_commands_without_a_deployment(cli, disaggctl_home):
+    res = run(cli, "status")
+    assert res.returncode == 1 and "no deployment is running" in res.stderr
+    assert run(cli, "logs").returncode == 1
+    down = run(cli, "down")
+    assert down.returncode == 0 and "nothing to stop" in down.stderr

@@ -47,6 +47,8 @@ def _stdout_console():
 
 def _load_plan(path: Path, engine: str | None = None) -> Any:
     """Topology file -> Plan; topology errors are printed as `file:line: field: message`, exit 2."""
+    if not path.is_file():
+        raise _fail(f"{path}: no such topology file", EXIT_USAGE)
     from disaggctl.topology.load import TopologyError, load_topology
     from disaggctl.topology.plan import build_plan
 

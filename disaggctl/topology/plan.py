@@ -1,0 +1,595 @@
+"""Topology -> Plan: every process with its host, GPUs, NICs, ports, command line and environment.
+
+Pure apart from reading the model's config.json (multimodal detection) and this machine's addresses
+(which hosts are local). The rules are documented in docs/topology.md; every rejection is a
+TopologyError naming the field and its line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import math
+import socket
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, computed_field
+
+from disaggctl.topology.load import Issue, TopologyError
+from disaggctl.topology.schema import ROLES, Host, Role, SshSettings, Topology
+
+DEFAULT_HTTP_PORT = 30000
+DEFAULT_BOOTSTRAP_PORT = 8998
+MAX_PORT = 65535
+
+
+class HostSpec(BaseModel):
+    name: str
+    address: str
+    gpus: int
+    nics: list[str]
+    local: bool
+    ssh: SshSettings | None = None
+    python: str
+    run_dir: str | None = None
+
+
+class ProcessSpec(BaseModel):
+    name: str
+    role: Literal["encoder", "prefill", "decode", "colocated", "proxy"]
+    replica: int
+    host: str
+    address: str
+    bind: str
+    gpus: list[int]
+    base_gpu_id: int | None
+    nics: list[str]
+    tp: int
+    dp: int
+    ep: int
+    port: int
+    bootstrap_port: int | None
+    argv: list[str]
+    env: dict[str, str]
+    health_path: str = "/health"
+
+    @computed_field
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+
+class Plan(BaseModel):
+    name: str
+    engine: Literal["embedded", "sglang"]
+    kind: Literal["xpyd", "epd", "ep", "colocated"]
+    source: str
+    hosts: list[HostSpec]
+    processes: list[ProcessSpec]
+
+    def process(self, name: str) -> ProcessSpec:
+        for p in self.processes:
+            if p.name == name:
+                return p
+        raise KeyError(f"no process {name!r} in plan {self.name}")
+
+    def host(self, name: str) -> HostSpec:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(f"no host {name!r} in plan {self.name}")
+
+    def spec_hash(self, name: str) -> str:
+        """What `up` compares to decide whether a running process still matches the plan."""
+        p = self.process(name)
+        h = self.host(p.host)
+        doc = {
+            "argv": p.argv,
+            "env": p.env,
+            "host": [h.name, h.address, h.python],
+            "bind": p.bind,
+            "port": p.port,
+            "bootstrap_port": p.bootstrap_port,
+            "gpus": p.gpus,
+            "nics": p.nics,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_addresses() -> set[str]:
+    names = {"localhost", socket.gethostname(), socket.getfqdn()}
+    try:
+        import psutil
+
+        for addrs in psutil.net_if_addrs().values():
+            names.update(
+                a.address.split("%")[0] for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)
+            )
+    except Exception:  # psutil missing or the OS refuses: fall back to loopback and our own names
+        pass
+    return names
+
+
+def default_bind(address: str) -> str:
+    """Loopback hosts listen on 127.0.0.1; others on the address peers use to reach them."""
+    return "127.0.0.1" if _is_loopback(address) and not address.startswith("::") else address
+
+
+def _multimodal(topology: Topology) -> bool:
+    if topology.model.multimodal != "auto":
+        return bool(topology.model.multimodal)
+    config = Path(topology.model.path).expanduser() / "config.json"
+    try:
+        return "vision_config" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+class _Rejections:
+    def __init__(self) -> None:
+        self.issues: list[Issue] = []
+
+    def add(self, path: tuple, message: str) -> None:
+        self.issues.append(Issue(path, message))
+
+    def raise_if_any(self, topology: Topology, source: str) -> None:
+        if self.issues:
+            raise TopologyError(source, self.issues, topology._lines)
+
+
+# -- checks that need the whole file -------------------------------------------------------------------
+
+
+def _check_roles(topology: Topology, rej: _Rejections) -> None:
+    t = topology
+    if bool(t.prefill) != bool(t.decode):
+        have, missing = ("prefill", "decode") if t.prefill else ("decode", "prefill")
+        rej.add((have,), f"{have} needs a {missing} role too (or use colocated alone)")
+    if t.colocated and (t.prefill or t.decode):
+        rej.add(("colocated",), "colocated cannot be mixed with prefill/decode in one topology")
+    if t.encoder:
+        if not (t.prefill or t.colocated):
+            rej.add(("encoder",), "encoder needs prefill + decode (EPD) or a colocated language model")
+        if not _multimodal(t):
+            rej.add(
+                ("encoder",),
+                f"an encoder needs a multimodal model: {t.model.path!r} is not one "
+                "(a local model is multimodal when its config.json has vision_config; "
+                "otherwise set model.multimodal: true)",
+            )
+    if t.proxy.use == "mini_lb":
+        if t.engine != "sglang":
+            rej.add(("proxy", "use"), "mini_lb is SGLang's proxy: it needs engine: sglang")
+        elif not t.prefill:
+            rej.add(("proxy", "use"), "mini_lb only routes prefill/decode pairs; use builtin for colocated")
+    names = [h.name for h in t.hosts]
+    if t.proxy.host is not None and t.proxy.host not in names:
+        rej.add(("proxy", "host"), f"unknown host {t.proxy.host!r} (hosts: {', '.join(names)})")
+
+    for role_name, role in t.roles():
+        where = (role_name,)
+        for i, h in enumerate(role.hosts or []):
+            if h not in names:
+                rej.add((*where, "hosts", i), f"unknown host {h!r} (hosts: {', '.join(names)})")
+        if role.hosts is not None and not role.hosts:
+            rej.add((*where, "hosts"), "an empty host list places nothing")
+        n = role.gpus_per_replica or role.tp
+        if n % role.ep:
+            rej.add((*where, "ep"), f"EP size {role.ep} does not divide the {n} GPUs of a replica")
+        if n % role.dp:
+            rej.add((*where, "dp"), f"DP size {role.dp} does not divide the {n} GPUs of a replica")
+        if t.engine == "sglang" and role.ep > 1 and role.ep != role.tp:
+            rej.add(
+                (*where, "ep"),
+                f"SGLang's Mooncake MoE backend sets the EP size to tp ({role.tp}); ep: {role.ep} cannot be honoured",
+            )
+        if role.bootstrap_port is not None and role_name != "prefill":
+            rej.add((*where, "bootstrap_port"), "only prefill has a bootstrap port")
+        for j, nic in enumerate(role.nics or []):
+            if not nic or "," in nic or any(c.isspace() for c in nic):
+                rej.add((*where, "nics", j), f"NIC name {nic!r} must be one device name")
+
+
+def _check_hosts(topology: Topology, rej: _Rejections) -> None:
+    seen: dict[str, int] = {}
+    for i, h in enumerate(topology.hosts):
+        if h.name in seen:
+            rej.add(("hosts", i, "name"), f"duplicate host name {h.name!r} (also hosts[{seen[h.name]}])")
+        seen.setdefault(h.name, i)
+
+
+def _host_spec(h: Host, local_names: set[str]) -> HostSpec:
+    local = _is_loopback(h.address) or h.address in local_names
+    python = h.python or (sys.executable if local else "python3")
+    return HostSpec(
+        name=h.name, address=h.address, gpus=h.gpus, nics=list(h.nics), local=local, ssh=h.ssh,
+        python=python, run_dir=h.run_dir,
+    )  # fmt: skip
+
+
+# -- placement -----------------------------------------------------------------------------------------
+
+
+class _Slot(BaseModel):
+    role: str
+    replica: int
+    host: str
+    index_on_host: int  # j-th replica of this role on this host
+    gpus: list[int]
+
+
+def _free_block(used: set[int], total: int, n: int) -> list[int] | None:
+    for start in range(0, total - n + 1):
+        block = list(range(start, start + n))
+        if not used.intersection(block):
+            return block
+    return None
+
+
+def _place(topology: Topology, rej: _Rejections) -> list[_Slot]:
+    hosts = {h.name: h for h in topology.hosts}
+    used: dict[str, dict[int, str]] = {h.name: {} for h in topology.hosts}  # GPU -> process name
+    slots: list[_Slot] = []
+    for role_name, role in topology.roles():
+        order = [hosts[n] for n in (role.hosts or [h.name for h in topology.hosts])]
+        n = role.gpus_per_replica or role.tp
+        gpu_hosts = [h for h in order if h.gpus > 0]
+        if gpu_hosts and all(h.gpus < n for h in gpu_hosts) and not any(h.gpus == 0 for h in order):
+            h = max(gpu_hosts, key=lambda x: x.gpus)
+            rej.add(
+                (role_name, "tp" if role.gpus_per_replica is None else "gpus_per_replica"),
+                f"a replica needs {n} GPUs but host {h.name} has only {h.gpus}",
+            )
+            continue
+        per_host: dict[str, int] = {}
+        ptr = 0
+        for r in range(role.replicas):
+            chosen: tuple[Host, list[int]] | None = None
+            overlap = False
+            for k in range(ptr, len(order)):
+                h = order[k]
+                j = per_host.get(h.name, 0)
+                if role.max_per_host is not None and j >= role.max_per_host:
+                    continue
+                if h.gpus == 0:
+                    chosen, ptr = (h, []), k
+                    break
+                taken = set(used[h.name])
+                if role.base_gpu_id is not None:
+                    block = list(range(role.base_gpu_id + j * n, role.base_gpu_id + (j + 1) * n))
+                    if block[-1] >= h.gpus:
+                        continue
+                    clash = sorted(taken.intersection(block))
+                    if clash:
+                        owner = used[h.name][clash[0]]
+                        rej.add(
+                            (role_name, "base_gpu_id"),
+                            f"{role_name}-{r} on {h.name} would use GPUs {_span(block)}, overlapping "
+                            f"GPU {clash[0]} of {owner}",
+                        )
+                        overlap = True
+                        break
+                else:
+                    block = _free_block(taken, h.gpus, n)
+                    if block is None:
+                        continue
+                chosen, ptr = (h, block), k
+                break
+            if overlap:
+                break
+            if chosen is None:
+                free = ", ".join(f"{h.name}: {h.gpus - len(used[h.name])} of {h.gpus}" for h in gpu_hosts)
+                rej.add(
+                    (role_name, "replicas"),
+                    f"replica {r} of {role_name} does not fit: it needs {n} consecutive free GPUs "
+                    f"(free GPUs: {free or 'none'}"
+                    + (f"; max_per_host: {role.max_per_host}" if role.max_per_host else "")
+                    + ")",
+                )
+                break
+            h, block = chosen
+            for g in block:
+                used[h.name][g] = f"{role_name}-{r}"
+            slots.append(
+                _Slot(
+                    role=role_name, replica=r, host=h.name, index_on_host=per_host.get(h.name, 0), gpus=block
+                )
+            )
+            per_host[h.name] = per_host.get(h.name, 0) + 1
+    return slots
+
+
+def _span(gpus: list[int]) -> str:
+    return f"{gpus[0]}-{gpus[-1]}" if len(gpus) > 1 else str(gpus[0])
+
+
+def nics_for(gpus: list[int], host: Host, override: list[str] | None) -> list[str]:
+    """GPU i -> nics[i * len(nics) // gpus] (the NIC sharing its PCIe switch); distinct, in GPU order."""
+    nics = list(host.nics if override is None else override)
+    if not nics:
+        return []
+    if not gpus:
+        return nics
+    out: list[str] = []
+    for g in gpus:
+        nic = nics[g * len(nics) // host.gpus]
+        if nic not in out:
+            out.append(nic)
+    return out
+
+
+# -- ports ---------------------------------------------------------------------------------------------
+
+
+class _Ports:
+    def __init__(self, rej: _Rejections) -> None:
+        self.used: dict[str, dict[int, str]] = {}
+        self.rej = rej
+
+    def claim(self, host: str, port: int, who: str, path: tuple) -> bool:
+        taken = self.used.setdefault(host, {})
+        if port > MAX_PORT:
+            self.rej.add(path, f"{who} would get port {port}, above {MAX_PORT}")
+            return False
+        if port in taken:
+            self.rej.add(path, f"port {port} on host {host} is used twice: {taken[port]} and {who}")
+            return False
+        taken[port] = who
+        return True
+
+    def next_free(self, host: str, start: int, step: int, who: str) -> int:
+        taken = self.used.setdefault(host, {})
+        port = start
+        while port in taken:
+            port += step
+        taken[port] = who
+        return port
+
+
+# -- command lines -------------------------------------------------------------------------------------
+
+
+def _mooncake_env(timeout_s: float, protocol: str) -> dict[str, str]:
+    seconds = str(max(1, math.ceil(timeout_s)))
+    env = {
+        "MC_TRANSFER_TIMEOUT": seconds,
+        "MC_TCP_PROGRESS_TIMEOUT_SEC": seconds,
+        "MC_TCP_STATUS_TIMEOUT_SEC": seconds,
+        "MC_LOG_LEVEL": "WARNING",
+    }
+    if protocol == "tcp":
+        env["MC_FORCE_TCP"] = "1"
+    return env
+
+
+def _timeout_text(timeout_s: float) -> str:
+    return str(int(timeout_s)) if float(timeout_s).is_integer() else str(timeout_s)
+
+
+def _embedded_argv(p: ProcessSpec, role: Role, topology: Topology, python: str, protocol: str) -> list[str]:
+    m = topology.model
+    argv = [python, "-m", "disaggctl", "serve", p.role, "--host", p.bind, "--port", str(p.port)]
+    argv += ["--model", m.path, "--dtype", m.dtype, "--device", "cuda" if p.gpus else "cpu"]
+    for flag, value in (
+        ("--page-size", role.page_size),
+        ("--max-pages", role.max_pages),
+        ("--max-batch", role.max_batch),
+        ("--chunk-size", role.chunk_size),
+        ("--max-model-len", m.max_model_len),
+        ("--served-model-name", m.served_name),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    if p.role == "prefill":
+        argv += ["--bootstrap-port", str(p.bootstrap_port), "--advertise-host", p.address]
+    if p.role in ("prefill", "decode"):
+        argv += ["--transfer-protocol", protocol]
+        if p.nics:
+            argv += ["--ib-device", ",".join(p.nics)]
+        argv += ["--transfer-timeout", _timeout_text(topology.transfer.timeout_s)]
+    return argv + list(role.extra_args)
+
+
+def _builtin_proxy_argv(
+    python: str, bind: str, port: int, policy: str, workers: list[ProcessSpec]
+) -> list[str]:
+    argv = [
+        python,
+        "-m",
+        "disaggctl",
+        "serve",
+        "proxy",
+        "--host",
+        bind,
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+    ]
+    for w in workers:
+        if w.role == "prefill":
+            argv += ["--prefill", w.url, "--bootstrap-port", str(w.bootstrap_port)]
+    for w in workers:
+        if w.role == "decode":
+            argv += ["--decode", w.url]
+    for w in workers:
+        if w.role == "colocated":
+            argv += ["--worker", w.url]
+    return argv
+
+
+def _kind(topology: Topology) -> Literal["xpyd", "epd", "ep", "colocated"]:
+    if topology.encoder:
+        return "epd"
+    if any(role.ep > 1 for _, role in topology.roles()):
+        return "ep"
+    if topology.colocated:
+        return "colocated"
+    return "xpyd"
+
+
+# -- the plan ------------------------------------------------------------------------------------------
+
+
+def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
+    """Expand a validated topology into processes (start order: encoders, prefills, decodes, colocated,
+    proxy). Raises TopologyError listing every rule the file breaks."""
+    source = str(source_path)
+    rej = _Rejections()
+    _check_hosts(topology, rej)
+    _check_roles(topology, rej)
+    rej.raise_if_any(topology, source)
+
+    local_names = _local_addresses()
+    host_specs = {h.name: _host_spec(h, local_names) for h in topology.hosts}
+    hosts = {h.name: h for h in topology.hosts}
+    roles = dict(topology.roles())
+
+    slots = _place(topology, rej)
+    rej.raise_if_any(topology, source)
+
+    proxy_host = topology.proxy.host or topology.hosts[0].name
+    ports = _Ports(rej)
+    ports.claim(proxy_host, topology.proxy.port, "proxy", ("proxy", "port"))
+    http: dict[str, int] = {}
+    boot: dict[str, int] = {}
+    names = [f"{s.role}-{s.replica}" for s in slots]
+    for s, name in zip(slots, names, strict=True):  # explicit ports first: they may not move
+        role = roles[s.role]
+        if role.port is not None and ports.claim(
+            s.host, role.port + s.index_on_host * role.port_step, name, (s.role, "port")
+        ):
+            http[name] = role.port + s.index_on_host * role.port_step
+        if s.role == "prefill" and role.bootstrap_port is not None:
+            b = role.bootstrap_port + s.index_on_host
+            if ports.claim(s.host, b, f"{name} bootstrap", (s.role, "bootstrap_port")):
+                boot[name] = b
+    rej.raise_if_any(topology, source)
+    for s, name in zip(slots, names, strict=True):
+        role = roles[s.role]
+        if role.port is None:
+            http[name] = ports.next_free(s.host, DEFAULT_HTTP_PORT, role.port_step, name)
+        if s.role == "prefill" and role.bootstrap_port is None:
+            boot[name] = ports.next_free(s.host, DEFAULT_BOOTSTRAP_PORT, 1, f"{name} bootstrap")
+    for host, taken in ports.used.items():
+        over = [p for p in taken if p > MAX_PORT]
+        if over:
+            rej.add((), f"host {host} ran out of ports (next would be {min(over)})")
+    rej.raise_if_any(topology, source)
+
+    involved = {s.host for s in slots} | {proxy_host}
+    # a loopback listener is unreachable from other machines; several hosts that are all loopback
+    # (say, SSH to this machine on another port) are one machine, where loopback works
+    several_machines = len(involved) > 1 and not all(_is_loopback(hosts[n].address) for n in involved)
+    procs: list[ProcessSpec] = []
+    for s, name in zip(slots, names, strict=True):
+        role = roles[s.role]
+        h = hosts[s.host]
+        bind = role.bind or default_bind(h.address)
+        if several_machines and _is_loopback(bind):
+            rej.add(
+                (s.role, "bind") if role.bind else ("hosts", topology.hosts.index(h), "address"),
+                f"{name} would listen on loopback ({bind}) but the topology spans several hosts, so peers "
+                "could not reach it: give the host a routable address (or bind: 0.0.0.0)",
+            )
+            continue
+        procs.append(
+            ProcessSpec(
+                name=name,
+                role=s.role,
+                replica=s.replica,
+                host=h.name,
+                address=h.address,
+                bind=bind,
+                gpus=s.gpus,
+                base_gpu_id=s.gpus[0] if s.gpus else None,
+                nics=nics_for(s.gpus, h, role.nics),
+                tp=role.tp,
+                dp=role.dp,
+                ep=role.ep,
+                port=http[name],
+                bootstrap_port=boot.get(name),
+                argv=[],
+                env={},
+            )  # fmt: skip
+        )
+    rej.raise_if_any(topology, source)
+
+    protocol_of = {}
+    for p in procs:
+        proto = topology.transfer.protocol
+        protocol_of[p.name] = proto if proto != "auto" else ("rdma" if p.nics else "tcp")
+
+    if topology.engine == "sglang":
+        from disaggctl.topology import sglang
+
+    encoders = [p for p in procs if p.role == "encoder"]
+    for p in procs:
+        role = roles[p.role]
+        python = host_specs[p.host].python
+        env = {"PYTHONUNBUFFERED": "1"}
+        if topology.engine == "embedded":
+            p.argv = _embedded_argv(p, role, topology, python, protocol_of[p.name])
+            if p.gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, p.gpus))
+        else:
+            p.argv = sglang.worker_argv(p, role, topology, python, encoders)
+        if p.role in ("encoder", "prefill", "decode"):
+            env.update(_mooncake_env(topology.transfer.timeout_s, protocol_of[p.name]))
+        env.update(role.env)
+        p.env = env
+
+    ph = hosts[proxy_host]
+    pbind = topology.proxy.bind or default_bind(ph.address)
+    workers = [p for p in procs if p.role in ("prefill", "decode", "colocated")]
+    python = host_specs[proxy_host].python
+    if topology.proxy.use == "mini_lb":
+        pargv = sglang.mini_lb_argv(python, pbind, topology.proxy.port, workers)
+    else:
+        pargv = _builtin_proxy_argv(python, pbind, topology.proxy.port, topology.proxy.policy, workers)
+    procs.append(
+        ProcessSpec(
+            name="proxy",
+            role="proxy",
+            replica=0,
+            host=proxy_host,
+            address=ph.address,
+            bind=pbind,
+            gpus=[],
+            base_gpu_id=None,
+            nics=[],
+            tp=1,
+            dp=1,
+            ep=1,
+            port=topology.proxy.port,
+            bootstrap_port=None,
+            argv=pargv,
+            env={"PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    )
+    order = {r: i for i, r in enumerate((*ROLES, "proxy"))}
+    procs.sort(key=lambda p: (order[p.role], p.replica))
+    return Plan(
+        name=topology.name,
+        engine=topology.engine,
+        kind=_kind(topology),
+        source=source,
+        hosts=[host_specs[h.name] for h in topology.hosts],
+        processes=procs,
+    )

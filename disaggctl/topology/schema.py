@@ -1,0 +1,156 @@
+"""The topology file as pydantic models: every field, its default and its bounds (docs/topology.md).
+
+Unknown keys are errors (`extra="forbid"`), so a misspelt field never silently falls back to a default.
+Cross-field rules that need the whole file (placement, ports, role combinations) live in plan.py.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+ROLES = ("encoder", "prefill", "decode", "colocated")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SshSettings(Strict):
+    user: str | None = None
+    port: int = Field(22, ge=1, le=65535)
+    key: str | None = None
+    known_hosts: str | None = None
+    jump: str | None = None  # [user@]address[:port]
+    keepalive_s: float = Field(15.0, ge=0)
+    insecure_accept_new_host_keys: bool = False
+
+
+class Host(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    address: str = Field(min_length=1)
+    gpus: int = Field(0, ge=0)  # 0: a CPU-only host
+    nics: list[str] = []
+    ssh: SshSettings | None = None
+    python: str | None = None
+    run_dir: str | None = None
+
+    @field_validator("nics")
+    @classmethod
+    def _nic_names(cls, nics: list[str]) -> list[str]:
+        for nic in nics:
+            if not nic or "," in nic or any(c.isspace() for c in nic):
+                raise ValueError(f"NIC name {nic!r} must be one device name, without commas or spaces")
+        if len(set(nics)) != len(nics):
+            raise ValueError("a NIC is listed twice")
+        return nics
+
+
+class Model(Strict):
+    path: str = Field(min_length=1)  # local HF directory (on every host that runs it) or builtin:NAME
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    served_name: str | None = None
+    # "auto": true only for a local directory whose config.json has a `vision_config` (plan.py)
+    multimodal: bool | Literal["auto"] = "auto"
+    max_model_len: int | None = Field(None, ge=1)
+
+
+class Transfer(Strict):
+    backend: Literal["mooncake"] = "mooncake"
+    protocol: Literal["auto", "tcp", "rdma", "nvlink"] = "auto"
+    # Bounds one KV hand-off; also sets Mooncake's MC_TRANSFER_TIMEOUT and TCP progress/status timeouts.
+    timeout_s: float = Field(30.0, gt=0, le=3600)
+
+
+class Role(Strict):
+    replicas: int = Field(1, ge=1)
+    tp: int = Field(1, ge=1)
+    dp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    hosts: list[str] | None = None  # default: every host, in file order
+    max_per_host: int | None = Field(None, ge=1)
+    gpus_per_replica: int | None = Field(None, ge=1)  # default: tp
+    base_gpu_id: int | None = Field(None, ge=0)  # pin replicas to GPUs from this index on each host
+    nics: list[str] | None = None  # replaces the host's NIC list for this role's GPU -> NIC mapping
+    port: int | None = Field(None, ge=1, le=65535)  # HTTP port of the first replica on each host
+    port_step: int = Field(1, ge=1, le=1000)
+    bootstrap_port: int | None = Field(None, ge=1, le=65535)  # prefill only: first bootstrap port per host
+    bind: str | None = None
+    extra_args: list[str] = []
+    env: dict[str, str] = {}
+    # embedded runtime knobs (unset: the engine's default)
+    page_size: int | None = Field(None, ge=1)
+    max_pages: int | None = Field(None, ge=1)
+    max_batch: int | None = Field(None, ge=1)
+    chunk_size: int | None = Field(None, ge=1)
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_values_as_text(cls, env: object) -> object:
+        # YAML reads `1` and `true` as numbers and booleans; an environment holds only strings
+        if isinstance(env, dict):
+            return {k: _env_text(v) for k, v in env.items()}
+        return env
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if (
+                not key
+                or not (key[0].isalpha() or key[0] == "_")
+                or not all(c.isalnum() or c == "_" for c in key)
+            ):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return env
+
+
+def _env_text(value: object) -> object:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+class Proxy(Strict):
+    host: str | None = None  # default: the first host
+    port: int = Field(8000, ge=1, le=65535)
+    bind: str | None = None
+    policy: Literal["round_robin", "random", "least_load", "power_of_two"] = "round_robin"
+    use: Literal["builtin", "mini_lb"] = "builtin"  # mini_lb: SGLang's own, engine sglang only
+
+
+class Topology(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    engine: Literal["embedded", "sglang"] = "embedded"
+    model: Model
+    hosts: list[Host] = Field(default_factory=lambda: [Host(name="local", address="127.0.0.1")])
+    transfer: Transfer = Transfer()
+    encoder: Role | None = None
+    prefill: Role | None = None
+    decode: Role | None = None
+    colocated: Role | None = None
+    proxy: Proxy = Proxy()
+
+    # where each field came from in the YAML file: path tuple -> line (filled by load.py)
+    _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+
+    @field_validator("hosts")
+    @classmethod
+    def _some_hosts(cls, hosts: list[Host]) -> list[Host]:
+        if not hosts:
+            raise ValueError("at least one host is needed")
+        return hosts
+
+    @model_validator(mode="after")
+    def _some_role(self) -> Topology:
+        if not any(getattr(self, r) for r in ROLES):
+            raise ValueError("no role: add prefill + decode, or colocated")
+        return self
+
+    def roles(self) -> list[tuple[str, Role]]:
+        """The roles present, in start order."""
+        return [(r, getattr(self, r)) for r in ROLES if getattr(self, r) is not None]

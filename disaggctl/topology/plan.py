@@ -127,8 +127,9 @@ def _local_addresses() -> set[str]:
 
 
 def default_bind(address: str) -> str:
-    """Loopback hosts listen on 127.0.0.1; others on the address peers use to reach them."""
-    return "127.0.0.1" if _is_loopback(address) and not address.startswith("::") else address
+    """Listen on the address peers use to reach the host (127.0.0.1 for a loopback host), never on
+    every interface unless the topology says `bind: 0.0.0.0`."""
+    return "127.0.0.1" if address == "localhost" else address
 
 
 def _multimodal(topology: Topology) -> bool:

@@ -1,0 +1,18 @@
+"""Model classes by Hugging Face architecture name.
+
+Dense Llama-style decoders share one class; a mixture-of-experts or vision model registers its own class
+here, under its architecture name, with the same forward signature.
+"""
+
+from __future__ import annotations
+
+from disaggctl.runtime.config import ARCHITECTURES, ConfigError, ModelConfig
+
+
+def model_class(cfg: ModelConfig):
+    """The class that implements `cfg.architecture` (imported on demand: it pulls in torch)."""
+    if cfg.family in ("llama", "qwen2", "qwen3"):
+        from disaggctl.runtime.models.llama import LlamaForCausalLM
+
+        return LlamaForCausalLM
+    raise ConfigError(f"no model class for {cfg.architecture!r}; supported: {', '.join(ARCHITECTURES)}")

@@ -1,0 +1,236 @@
+"""What the engine needs to know: the model (normalised from a Hugging Face config.json) and the engine knobs.
+
+Checkpoints of one family disagree on how they spell things (`rope_parameters` in transformers 5,
+`rope_theta` + `rope_scaling` before; `head_dim` present or implied; biases implied by the family), so
+everything is resolved here once and the model code only reads plain fields.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# architecture name -> family; the family decides the defaults that config.json leaves implicit
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A model directory or engine setting that the runtime cannot use; the message says why."""
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    rope_theta: float
+    rope: dict = field(default_factory=dict)  # rope_type plus that type's parameters
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    checkpoint_dtype: str | None = None
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        raw = _read_json(path / "config.json", required=True)
+        gen = _read_json(path / "generation_config.json", required=False) or {}
+        return cls.from_hf_dict(raw, gen, where=str(path))
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict, gen: dict | None = None, where: str = "config.json") -> ModelConfig:
+        archs = raw.get("architectures") or []
+        arch = next((a for a in archs if a in ARCHITECTURES), None)
+        if arch is None and not archs:  # configs written without `architectures`
+            arch = {a.removesuffix("ForCausalLM").lower(): a for a in ARCHITECTURES}.get(
+                raw.get("model_type")
+            )
+        if arch is None:
+            raise ConfigError(
+                f"{where}: unsupported architecture {archs or raw.get('model_type')!r}; "
+                f"supported: {', '.join(ARCHITECTURES)}"
+            )
+        family = ARCHITECTURES[arch]
+        get = _getter(raw, where)
+        hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
+        # Qwen3 configs default head_dim to 128 whatever hidden/heads is; the others derive it.
+        head_dim = raw.get("head_dim") or (128 if family == "qwen3" else hidden // heads)
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+        if raw.get("use_sliding_window"):
+            raise ConfigError(f"{where}: sliding-window attention is not supported")
+        if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ConfigError(f"{where}: partial_rotary_factor != 1 is not supported")
+        attention_bias = bool(raw.get("attention_bias", False))
+        if family == "qwen2":  # q/k/v always biased, o never; Qwen2 configs carry no attention_bias key
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = attention_bias
+        theta, rope = _rope(raw, where)
+        cfg = cls(
+            architecture=arch,
+            family=family,
+            vocab_size=get("vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size", int),
+            num_layers=get("num_hidden_layers", int),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)) if family == "llama" else False,
+            qk_norm=family == "qwen3",
+            rope_theta=theta,
+            rope=rope,
+            eos_token_ids=_eos(gen or {}, raw),
+            bos_token_id=(gen or {}).get("bos_token_id", raw.get("bos_token_id")),
+            checkpoint_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+            # Mistral-style windows: full attention is the same thing up to the window, so the engine
+            # caps the context there instead of refusing the model.
+            sliding_window=int(raw["sliding_window"])
+            if family == "llama" and raw.get("sliding_window")
+            else None,
+        )
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ConfigError(
+                f"{where}: num_attention_heads {cfg.num_heads} is not a multiple of "
+                f"num_key_value_heads {cfg.num_kv_heads}"
+            )
+        return cfg
+
+
+def _read_json(path: Path, required: bool) -> dict | None:
+    if not path.is_file():
+        if required:
+            raise ConfigError(f"{path} not found (a model directory needs config.json and *.safetensors)")
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _getter(raw: dict, where: str):
+    def get(key: str, typ):
+        if key not in raw:
+            raise ConfigError(f"{where}: config.json has no {key!r}")
+        try:
+            value = typ(raw[key])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {key!r} must be {typ.__name__}, got {raw[key]!r}") from e
+        if value <= 0:
+            raise ConfigError(f"{where}: {key!r} must be positive, got {value}")
+        return value
+
+    return get
+
+
+def _rope(raw: dict, where: str) -> tuple[float, dict]:
+    """(rope_theta, {rope_type, ...}) from rope_parameters (transformers 5) or rope_theta + rope_scaling."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
+        params = params["full_attention"]
+    scaling = raw.get("rope_scaling")
+    rope = dict(params or scaling or {})
+    theta = rope.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0
+    rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"{where}: rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
+    needs = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor"], "yarn": []}
+    missing = [k for k in needs.get(rope_type, []) if rope.get(k) is None]
+    if missing:
+        raise ConfigError(f"{where}: rope type {rope_type!r} needs {', '.join(missing)}")
+    if rope_type in ("llama3", "yarn"):
+        rope.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 2048))
+        if rope_type == "yarn" and rope.get("factor") is None:
+            rope["factor"] = (
+                raw.get("max_position_embeddings", 2048) / rope["original_max_position_embeddings"]
+            )
+    rope["rope_type"] = rope_type
+    return float(theta), rope
+
+
+def _eos(gen: dict, raw: dict) -> list[int]:
+    eos = gen.get("eos_token_id", raw.get("eos_token_id"))
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda when available
+    page_size: int = 16
+    max_pages: int | None = None  # default: memory_fraction of the free memory (capped on CPU)
+    memory_fraction: float = 0.85  # of the device memory left after the weights, for the KV pool
+    max_batch: int = 128  # requests in the running batch
+    chunk_size: int = 512  # prefill tokens per step (all prefilling requests together)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    quarantine_s: float = 30.0  # how long pages of a failed remote transfer stay unused
+    seed: int = 0  # for requests that sample without a seed of their own
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device {self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+        for name in ("page_size", "max_batch", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_pages", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+    def resolve_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} was asked for but CUDA is not available")
+        return self.device
+
+    def resolve_dtype(self, device: str):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)

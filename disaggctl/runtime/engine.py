@@ -1,0 +1,425 @@
+"""The engine: model + KV pool + scheduler, stepped by one thread.
+
+Other threads talk to it only through thread-safe calls that queue a command (`add_request`, `abort`,
+`release`, `kv_arrived`, `kv_failed`); the step thread applies them between steps, so the scheduler and
+the allocator have a single owner. Results go back through `Request.on_event(RequestEvent)`, called on the
+step thread (keep it cheap: the server hops to its event loop with `call_soon_threadsafe`).
+
+Modes, all behaviours of this one engine:
+- `normal`: prefill then decode; events carry new token ids, the last one a finish reason.
+- `prefill_only`: prefill, sample the first token, emit `kind="prefilled"` with the page ids, the first
+  token and its logprob; the pages stay allocated (for the transfer to read) until `release(rid)`.
+- `remote_kv`: allocate the prompt's pages, emit `kind="kv_pages"` with their ids, then wait (without
+  blocking anyone) for `kv_arrived(rid, first_token, logprob)`, after which it decodes as if it had
+  prefilled itself; or `kv_failed(rid, reason)`: error event, pages quarantined (late writes may land).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from disaggctl.runtime.attention import SeqSlice, build_meta
+from disaggctl.runtime.config import ConfigError, EngineConfig, ModelConfig
+from disaggctl.runtime.kv_cache import KVCache
+from disaggctl.runtime.loader import load_model
+from disaggctl.runtime.sampling import SamplingParams, make_generator, sample
+from disaggctl.runtime.scheduler import Scheduler, Sequence, Status
+
+log = logging.getLogger("disaggctl.runtime.engine")
+
+MODES = ("normal", "prefill_only", "remote_kv")
+CPU_KV_BYTES_CAP = 4 << 30  # the CPU pool is sized for the batch, capped here, unless max_pages says
+
+
+@dataclass
+class RequestEvent:
+    rid: str
+    kind: str  # "tokens" | "prefilled" | "kv_pages" | "error"
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    matched: int | None = None  # the stop token that ended the request
+    error: str | None = None
+    page_ids: list[int] | None = None  # prefilled / kv_pages
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    rid: str | None
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    mode: str = "normal"
+    on_event: Callable[[RequestEvent], None] | None = None
+
+    def __post_init__(self):
+        if self.rid is None:
+            self.rid = uuid.uuid4().hex
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        self.model_config = ModelConfig.from_hf_dir(config.model)
+        mc = self.model_config
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if mc.sliding_window:
+            max_len = min(max_len, mc.sliding_window)
+        self.model = load_model(config.model, self.dtype, self.device, mc)
+        num_pages = config.max_pages or self._default_pages(config, max_len)
+        self.kv_cache = KVCache(
+            mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
+        )
+        self.config = replace(config, max_model_len=max_len, max_pages=num_pages)
+        self.scheduler = Scheduler(
+            self.kv_cache.allocator, config.page_size, config.max_batch, config.chunk_size
+        )
+        self.scale = mc.head_dim**-0.5
+        self.seqs: dict[str, Sequence] = {}
+        self._commands: deque = deque()
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seed_source = torch.Generator().manual_seed(config.seed)
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "step_errors": 0}
+
+    def _default_pages(self, config: EngineConfig, max_len: int) -> int:
+        mc = self.model_config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_page = KVCache.page_bytes_all_layers(
+            mc.num_layers, config.page_size, mc.num_kv_heads, mc.head_dim, itemsize
+        )
+        if self.device.startswith("cuda"):
+            free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+            # leave room for activations of a full chunk and the logits of a full batch
+            headroom = 4 * config.chunk_size * mc.hidden_size * 16 + config.max_batch * mc.vocab_size * 8
+            budget = int(max(free - headroom, 0) * config.memory_fraction)
+        else:
+            import psutil
+
+            budget = min(int(psutil.virtual_memory().available * 0.25), CPU_KV_BYTES_CAP)
+            want = config.max_batch * (-(-max_len // config.page_size)) + 1
+            budget = min(budget, want * per_page)
+        pages = budget // per_page
+        if pages < -(-max_len // config.page_size):
+            raise ConfigError(
+                f"not enough memory for a KV pool holding one {max_len}-token request "
+                f"({pages} pages of {per_page} bytes fit); lower max_model_len or set max_pages"
+            )
+        return int(pages)
+
+    # ---- thread-safe API ----
+
+    def add_request(self, req: Request) -> None:
+        self._command(("add", req))
+
+    def abort(self, rid: str) -> None:
+        self._command(("abort", rid))
+
+    def release(self, rid: str) -> None:
+        """prefill_only: the pages were read; free them."""
+        self._command(("release", rid))
+
+    def kv_arrived(self, rid: str, first_token: int, logprob: float = 0.0) -> None:
+        self._command(("kv_arrived", rid, int(first_token), float(logprob)))
+
+    def kv_failed(self, rid: str, reason: str) -> None:
+        self._command(("kv_failed", rid, str(reason)))
+
+    def stats(self) -> dict:
+        sch, alloc = self.scheduler, self.kv_cache.allocator
+        parked = list(sch.parked.values())
+        return {
+            "running": len(sch.running),
+            "waiting": len(sch.waiting),
+            "waiting_kv": sum(1 for s in parked if s.status == Status.WAITING_KV),
+            "held": sum(1 for s in parked if s.status == Status.HELD),
+            "pages_total": alloc.num_pages,
+            "pages_free": alloc.num_free,
+            "pages_used": alloc.num_pages - alloc.num_free - alloc.num_quarantined,
+            "pages_quarantined": alloc.num_quarantined,
+            "preemptions": sch.num_preemptions,
+            **self.counters,
+        }
+
+    @property
+    def tokenizer(self):
+        from disaggctl.runtime.tokenizer import Tokenizer
+
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = Tokenizer(self.config.model)
+        return self._tokenizer
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _command(self, cmd: tuple) -> None:
+        with self._wake:
+            self._commands.append(cmd)
+            self._wake.notify()
+
+    # ---- step thread ----
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.step()
+            except Exception:  # a bug outside the forward pass; keep serving the others
+                log.exception("engine step failed")
+                worked = False
+            if not worked:
+                with self._wake:
+                    if not self._commands and not self._stop.is_set():
+                        self._wake.wait(0.05)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.apply_commands()
+        for seq in list(self.seqs.values()):
+            self._fail(seq, "engine stopped", reason="abort")
+
+    def step(self) -> bool:
+        """Apply queued commands, then run one batch. False when there was nothing to run."""
+        self.apply_commands()
+        if not self.scheduler.has_work():
+            return False
+        step = self.scheduler.schedule()
+        for seq, why in step.failed:
+            self._fail(seq, why)
+        for seq in step.kv_waits:
+            self._emit(seq, RequestEvent(seq.rid, "kv_pages", page_ids=list(seq.pages)))
+        if not step.rows:
+            return bool(step.kv_waits or step.failed)
+        try:
+            logits, samplers = self._forward(step.rows)
+            tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        except Exception as e:  # fail this step's requests only; the engine goes on
+            log.exception("forward pass failed")
+            self.counters["step_errors"] += 1
+            for seq, _ in step.rows:
+                self._fail(seq, f"engine error: {type(e).__name__}: {e}")
+            return True
+        self.counters["steps"] += 1
+        for seq, n in step.rows:
+            seq.num_computed += n
+        for seq, tok, lp in zip(samplers, tokens, logprobs, strict=True):
+            self._on_sample(seq, tok, lp)
+        return True
+
+    def _forward(self, rows: list[tuple[Sequence, int]]):
+        ids, positions, slices, logit_rows, samplers = [], [], [], [], []
+        for seq, n in rows:
+            start = seq.num_computed
+            ids += seq.tokens[start : start + n]
+            positions += range(start, start + n)
+            slices.append(SeqSlice(q_len=n, kv_len=start + n, pages=seq.pages))
+            if start + n == len(seq.tokens):
+                logit_rows.append(len(ids) - 1)
+                samplers.append(seq)
+        dev = self.device
+        meta = build_meta(slices, self.kv_cache.page_size, self.scale, dev)
+        if not logit_rows:  # only partial prefill chunks: no logits needed, but the KV still is
+            logit_rows = [len(ids) - 1]
+        logits = self.model(
+            torch.tensor(ids, device=dev),
+            torch.tensor(positions, device=dev),
+            self.kv_cache.tensor,
+            meta,
+            torch.tensor(logit_rows, device=dev),
+        )
+        return logits[: len(samplers)], samplers
+
+    def _on_sample(self, seq: Sequence, token: int, logprob: float) -> None:
+        if seq.mode == "prefill_only":
+            self.counters["prompt_tokens"] += seq.prompt_len
+            self.scheduler.hold(seq)
+            self._emit(
+                seq,
+                RequestEvent(
+                    seq.rid,
+                    "prefilled",
+                    token_ids=[token],
+                    logprobs=[logprob],
+                    page_ids=list(seq.pages),
+                    prompt_tokens=seq.prompt_len,
+                ),
+            )
+            return
+        if seq.num_output == 0 and seq.preemptions == 0:
+            self.counters["prompt_tokens"] += seq.prompt_len
+        self._append(seq, token, logprob)
+
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.tokens.append(token)
+        self.counters["generation_tokens"] += 1
+        p = seq.params
+        reason, matched = None, None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_config.eos_token_ids):
+            reason, matched = "stop", token
+        elif (p.max_new_tokens is not None and seq.num_output >= p.max_new_tokens) or len(
+            seq.tokens
+        ) >= self.config.max_model_len:
+            reason = "length"
+        ev = RequestEvent(
+            seq.rid,
+            "tokens",
+            token_ids=[token],
+            logprobs=[logprob],
+            finished=reason is not None,
+            finish_reason=reason,
+            matched=matched,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=seq.num_output,
+        )
+        if reason is not None:
+            self._drop(seq)
+        self._emit(seq, ev)
+
+    # ---- commands (step thread) ----
+
+    def apply_commands(self) -> None:
+        while True:
+            with self._wake:
+                if not self._commands:
+                    return
+                cmd = self._commands.popleft()
+            try:
+                getattr(self, "_cmd_" + cmd[0])(*cmd[1:])
+            except Exception:
+                log.exception("engine command %s failed", cmd[0])
+
+    def _cmd_add(self, req: Request) -> None:
+        why = self._invalid(req)
+        seq = Sequence(
+            rid=req.rid,
+            tokens=list(req.prompt_ids),
+            prompt_len=len(req.prompt_ids),
+            params=req.sampling,
+            mode=req.mode,
+            request=req,
+        )
+        if why is not None:
+            self._emit(seq, _error(seq, why))
+            return
+        if not req.sampling.greedy:
+            seed = req.sampling.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+            seq.generator = make_generator(seed, self.device)
+        self.seqs[seq.rid] = seq
+        self.scheduler.add(seq)
+
+    def _invalid(self, req: Request) -> str | None:
+        if req.rid in self.seqs:
+            return f"a request with rid {req.rid!r} is already in the engine"
+        if req.mode not in MODES:
+            return f"unknown mode {req.mode!r}; one of {', '.join(MODES)}"
+        if not isinstance(req.sampling, SamplingParams):
+            return "sampling must be a SamplingParams"
+        why = req.sampling.validate()
+        if why:
+            return why
+        ids, vocab = req.prompt_ids, self.model_config.vocab_size
+        if not ids:
+            return "the prompt is empty"
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            return f"prompt token ids must be integers in [0, {vocab})"
+        if len(ids) >= self.config.max_model_len:
+            return (
+                f"the prompt has {len(ids)} tokens; the context is {self.config.max_model_len} "
+                "tokens and must leave room for one new token"
+            )
+        need = self.scheduler.pages_needed(len(ids) + 1)
+        if need > self.kv_cache.num_pages:
+            return f"the prompt needs {need} KV pages but the pool has {self.kv_cache.num_pages}"
+        return None
+
+    def _cmd_abort(self, rid: str) -> None:
+        seq = self.seqs.get(rid)
+        if seq is None:
+            return
+        # pages a peer may still be writing into are quarantined, not reused at once
+        late_writes = seq.status == Status.WAITING_KV
+        self._drop(seq, self.config.quarantine_s if late_writes else None)
+        self._emit(seq, RequestEvent(rid, "tokens", finished=True, finish_reason="abort"))
+
+    def _cmd_release(self, rid: str) -> None:
+        seq = self.seqs.get(rid)
+        if seq is not None and seq.status == Status.HELD:
+            self._drop(seq)
+
+    def _cmd_kv_arrived(self, rid: str, first_token: int, logprob: float) -> None:
+        seq = self.seqs.get(rid)
+        if seq is None or seq.status != Status.WAITING_KV:
+            log.warning("kv_arrived for %s, which is not waiting for KV", rid)
+            return
+        if not 0 <= first_token < self.model_config.vocab_size:
+            self._fail(seq, f"remote prefill sent an invalid first token {first_token}", quarantine=True)
+            return
+        self.scheduler.kv_arrived(seq)
+        self.counters["prompt_tokens"] += seq.prompt_len
+        self._append(seq, first_token, logprob)
+
+    def _cmd_kv_failed(self, rid: str, reason: str) -> None:
+        seq = self.seqs.get(rid)
+        if seq is not None:
+            self._fail(seq, f"KV transfer failed: {reason}", quarantine=seq.status == Status.WAITING_KV)
+
+    # ---- helpers ----
+
+    def _drop(self, seq: Sequence, quarantine_s: float | None = None) -> None:
+        self.scheduler.remove(seq, quarantine_s)
+        self.seqs.pop(seq.rid, None)
+
+    def _fail(self, seq: Sequence, why: str, quarantine: bool = False, reason: str | None = None) -> None:
+        self._drop(seq, self.config.quarantine_s if quarantine else None)
+        ev = _error(seq, why)
+        if reason is not None:
+            ev.finish_reason = reason
+        self._emit(seq, ev)
+
+    def _emit(self, seq: Sequence, ev: RequestEvent) -> None:
+        cb = getattr(seq.request, "on_event", None)
+        if cb is None:
+            return
+        try:
+            cb(ev)
+        except Exception:
+            log.exception("on_event callback of request %s failed", seq.rid)
+
+
+def _error(seq: Sequence, why: str) -> RequestEvent:
+    return RequestEvent(
+        seq.rid,
+        "error",
+        finished=True,
+        error=why,
+        prompt_tokens=seq.prompt_len,
+        completion_tokens=max(seq.num_output, 0),
+    )

@@ -159,9 +159,10 @@ def pd(prefills: list[Backend], decodes: list[Backend], first_bootstrap_port: in
     return argv
 
 
-async def post(session, url, body, raw: bytes | None = None):
+async def post(session, url, body, raw: bytes | None = None, timeout: float | None = None):
     data = raw if raw is not None else json.dumps(body).encode()
-    async with session.post(url, data=data, headers={"Content-Type": "application/json"}) as r:
+    kw = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+    async with session.post(url, data=data, headers={"Content-Type": "application/json"}, **kw) as r:
         return r.status, await r.read()
 
 
@@ -386,6 +387,19 @@ def test_decode_error_is_passed_through_and_prefill_is_cancelled():
             status, raw = await post(session, proxy.url + "/generate", {"text": "hi"})
             assert status == 400 and json.loads(raw)["error"]["message"] == "'max_new_tokens' must be >= 0"
             await eventually(lambda: _true(len(p.cancelled) == 1), 3, "prefill request cancelled")
+
+    run(scenario)
+
+
+def test_client_going_away_aborts_both_upstream_requests():
+    async def scenario():
+        p, d = Backend("p", hold), Backend("d", hold)
+        async with running([p, d], pd([p], [d])) as (session, proxy):
+            with pytest.raises(asyncio.TimeoutError):
+                await post(session, proxy.url + "/generate", {"text": "hi"}, timeout=0.5)
+            await eventually(lambda: _true(len(p.cancelled) == len(d.cancelled) == 1), 3, "both cancelled")
+            seen = await workers_of(session, proxy)
+            assert seen[p.url]["in_flight"] == seen[d.url]["in_flight"] == 0
 
     run(scenario)
 

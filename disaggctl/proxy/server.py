@@ -588,7 +588,9 @@ def _error_message(body: bytes) -> str | None:
 
 async def serve(args: argparse.Namespace) -> int:
     app = create_app(args)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    # handler_cancellation: a client that goes away cancels its handler, which closes the upstream requests,
+    # so the workers abort them instead of computing answers nobody reads.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, backlog=1024)
     try:

@@ -47,7 +47,8 @@ OPENAI_COMMON = {
     "user",
 }
 OPENAI_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "echo": False, "best_of": 1}
-EXTENSION_KEYS = {"ignore_eos", "stop_token_ids", "skip_special_tokens", "rid"}
+BOOTSTRAP_KEYS = {"bootstrap_host", "bootstrap_port", "bootstrap_room"}  # added by the PD proxy
+EXTENSION_KEYS = {"ignore_eos", "stop_token_ids", "skip_special_tokens", "rid"} | BOOTSTRAP_KEYS
 COMPLETION_KEYS = OPENAI_COMMON | EXTENSION_KEYS | set(OPENAI_NEUTRAL) | {"prompt", "max_tokens", "logprobs"}
 CHAT_KEYS = (
     OPENAI_COMMON
@@ -300,6 +301,7 @@ def parse_completion(body: dict) -> Job:
             "'prompt' must be a string or a list of token ids (batches of several prompts: n/a)"
         )
     _openai_common(job, body)
+    _bootstrap(job, body)
     return job
 
 
@@ -310,6 +312,7 @@ def parse_chat(body: dict) -> Job:
     job = Job(api="chat", sampling=_sampling(body, key), body=body)
     job.messages = _messages(body.get("messages"))
     _openai_common(job, body)
+    _bootstrap(job, body)
     return job
 
 

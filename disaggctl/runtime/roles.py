@@ -42,6 +42,15 @@ class Role:
         raise TypeError(f"role {self.name!r} does not generate")
         yield TokenEvent()  # makes this an async generator for type checkers and callers alike
 
+    def check(self, job: Job) -> None:
+        """Refuse a request this role cannot serve (raise protocol.InvalidRequest) before it runs."""
+
+    async def start(self) -> None:
+        """Set up what needs the event loop (transfer agents, listeners); runs before the first request."""
+
+    async def close(self) -> None:
+        """Undo `start`, on the event loop, before the engine stops."""
+
     def abort(self, rid: str) -> None:
         self.engine.abort(rid)
 
@@ -57,18 +66,17 @@ def make_engine(args, model_dir: str):
     from disaggctl.runtime.config import EngineConfig
     from disaggctl.runtime.engine import Engine
 
-    return Engine(
-        EngineConfig(
-            model=model_dir,
-            dtype=args.dtype,
-            device=args.device,
-            page_size=args.page_size,
-            max_pages=args.max_pages,
-            max_batch=args.max_batch,
-            chunk_size=args.chunk_size,
-            max_model_len=args.max_model_len,
-        )
-    )
+    given = {
+        "dtype": args.dtype,
+        "device": args.device,
+        "page_size": args.page_size,
+        "max_pages": args.max_pages,
+        "max_batch": args.max_batch,
+        "chunk_size": args.chunk_size,
+        "max_model_len": args.max_model_len,
+    }
+    # Options left out on the command line take the engine's defaults.
+    return Engine(EngineConfig(model=model_dir, **{k: v for k, v in given.items() if v is not None}))
 
 
 def engine_alive(engine) -> bool:
@@ -91,6 +99,10 @@ class EngineStream:
 
     async def next(self) -> TokenEvent:
         return to_token_event(await self._queue.get())
+
+    async def next_raw(self):
+        """The engine's own RequestEvent (with page ids and logprobs), for the PD roles."""
+        return await self._queue.get()
 
 
 def to_token_event(ev) -> TokenEvent:
@@ -159,3 +171,13 @@ class ColocatedRole(Role):
 
 
 ROLES: dict[str, type[Role]] = {"colocated": ColocatedRole}
+
+
+def _register_pd_roles() -> None:
+    # Imported here: the PD roles build on this module's Role.
+    from disaggctl.runtime.disagg import DecodeRole, PrefillRole
+
+    ROLES.update(prefill=PrefillRole, decode=DecodeRole)
+
+
+_register_pd_roles()

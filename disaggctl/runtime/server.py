@@ -64,8 +64,8 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         ap.add_argument(
             "--bootstrap-port", type=int, required=True, help="the hand-off endpoint decode talks to"
         )
-        ap.add_argument("--advertise-host", default=None, help="address peers use to reach this process")
     if role in ("prefill", "decode"):
+        ap.add_argument("--advertise-host", default=None, help="address peers use to reach this process")
         ap.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma", "nvlink"])
         ap.add_argument("--ib-device", default="", help="RDMA devices, comma separated (mlx5_0,mlx5_1)")
         ap.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV hand-off may take")
@@ -240,6 +240,7 @@ async def _read_job(request: web.Request, parse) -> Job:
     except ValueError as e:  # tokenizer errors (no chat template, template failure) are the client's
         raise InvalidRequest(str(e)) from e
     check_prompt(job.prompt_ids, st.vocab_size, st.max_model_len, job.sampling)
+    st.role.check(job)
     job.rid = job.rid or uuid.uuid4().hex
     if job.rid in st.in_flight:
         raise InvalidRequest(f"a request with rid {job.rid!r} is already running", 409, "conflict")
@@ -495,8 +496,11 @@ async def _openai(request: web.Request, parse) -> web.StreamResponse:
 # ---- process ----
 
 
-def load(st: ServerState, model_dir: str) -> None:
-    """Load the model and start the engine (worker thread: this takes seconds to minutes)."""
+def load(st: ServerState, model_dir: str):
+    """Load the model and start the engine (worker thread: this takes seconds to minutes).
+
+    Returns the role; the caller starts it on the event loop and only then publishes it as `st.role`,
+    so /health says ok only once the role can take requests."""
     from disaggctl.runtime.roles import ROLES, make_engine
     from disaggctl.runtime.tokenizer import Tokenizer
 
@@ -508,7 +512,7 @@ def load(st: ServerState, model_dir: str) -> None:
     st.max_model_len = engine_max_model_len(engine, st.args)
     st.vocab_size = engine_vocab_size(engine, tok)
     st.page_size = st.args.page_size
-    st.role = role
+    return role
 
 
 def engine_max_model_len(engine, args) -> int:
@@ -543,7 +547,13 @@ class Server:
 
     async def _load(self) -> None:
         try:
-            await asyncio.to_thread(load, self.state, self.model_dir)
+            role = await asyncio.to_thread(load, self.state, self.model_dir)
+            try:
+                await role.start()
+            except BaseException:
+                await asyncio.to_thread(role.stop)
+                raise
+            self.state.role = role
             log.info("model loaded: %s (%s)", self.state.model_name, self.model_dir)
         except Exception as e:
             log.exception("model load failed")
@@ -572,7 +582,10 @@ class Server:
             await self.runner.cleanup()
         await self.loaded.wait()
         if st.role is not None:
-            await asyncio.to_thread(st.role.stop)
+            try:
+                await st.role.close()
+            finally:
+                await asyncio.to_thread(st.role.stop)
 
 
 async def serve(

@@ -398,8 +398,10 @@ def _embedded_argv(p: ProcessSpec, role: Role, topology: Topology, python: str, 
         if value is not None:
             argv += [flag, str(value)]
     if p.role == "prefill":
-        argv += ["--bootstrap-port", str(p.bootstrap_port), "--advertise-host", p.address]
+        argv += ["--bootstrap-port", str(p.bootstrap_port)]
     if p.role in ("prefill", "decode"):
+        # Mooncake names each side by this address: the peer must reach it even when binding 0.0.0.0.
+        argv += ["--advertise-host", p.address]
         argv += ["--transfer-protocol", protocol]
         if p.nics:
             argv += ["--ib-device", ",".join(p.nics)]

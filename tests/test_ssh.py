@@ -16,12 +16,8 @@ import pytest
 from disaggctl.launch import ssh
 from disaggctl.launch.preflight import preflight
 from disaggctl.launch.ssh import SshBackend, SshError, SshTarget, connection
-
-# The plan and state models belong to the topology and launcher modules; until they exist this module
-# is reported as skipped (with the import error) rather than breaking collection of the whole suite.
-HostSpec = pytest.importorskip("disaggctl.topology.plan", reason="needs the plan models").HostSpec
-ProcessSpec = pytest.importorskip("disaggctl.topology.plan").ProcessSpec
-ProcRecord = pytest.importorskip("disaggctl.launch.state", reason="needs the launch state models").ProcRecord
+from disaggctl.launch.state import ProcRecord
+from disaggctl.topology.plan import HostSpec, ProcessSpec
 
 pytest_plugins = ["netns_hosts"]
 pytestmark = pytest.mark.netns

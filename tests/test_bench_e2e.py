@@ -4,7 +4,6 @@ against a real colocated runtime server on builtin:tiny."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import subprocess
@@ -192,11 +191,6 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, monkeypatch):
 
 # ---- a real colocated runtime server on builtin:tiny ----
 
-# The engine lands separately; until it does, a colocated server has nothing to serve with.
-needs_engine = pytest.mark.skipif(
-    importlib.util.find_spec("disaggctl.runtime.engine") is None,
-    reason="disaggctl.runtime.engine is not in this checkout",
-)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -259,7 +253,6 @@ def _check_sane(doc: dict, n: int, output_len: int) -> None:
 
 
 @pytest.mark.slow
-@needs_engine
 def test_generate_backend_against_the_runtime(cli, tiny_server, tmp_path):
     n, input_len, output_len = 8, 40, 12
     rc, stdout, stderr, doc = run_bench(
@@ -280,7 +273,6 @@ def test_generate_backend_against_the_runtime(cli, tiny_server, tmp_path):
 
 
 @pytest.mark.slow
-@needs_engine
 @pytest.mark.parametrize("backend", ["openai", "openai-chat"])
 def test_openai_backends_against_the_runtime(cli, tiny_server, tmp_path, backend):
     n, input_len, output_len = 6, 64, 10

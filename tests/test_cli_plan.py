@@ -29,7 +29,9 @@ def run(cli, *args) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def planner():
-    return pytest.importorskip("disaggctl.topology.plan", reason="needs the topology planner")
+    from disaggctl.topology import plan
+
+    return plan
 
 
 @pytest.fixture
@@ -60,9 +62,8 @@ def test_plan_table_lists_every_process(cli, planner, topo):
 
 
 def test_plan_sglang_prints_commands_per_host(cli, planner, topo):
-    from disaggctl.topology.load import load_topology
-
     from disaggctl.topology import sglang
+    from disaggctl.topology.load import load_topology
 
     res = run(cli, "plan", str(topo), "--engine", "sglang")
     assert res.returncode == 0, res.stderr

@@ -17,10 +17,6 @@ import psutil
 import pytest
 from conftest import free_port
 
-pytest.importorskip("disaggctl.topology.plan", reason="needs the topology planner")
-pytest.importorskip("disaggctl.proxy.server", reason="needs the proxy")
-pytest.importorskip("disaggctl.runtime.engine", reason="needs the embedded engine")
-
 CLI_TIMEOUT_S = 240
 
 

@@ -178,7 +178,7 @@ def test_embedded_argv_is_what_serve_parses(tmp_path):
 
 
 def test_builtin_proxy_argv(tmp_path):
-    server = pytest.importorskip("disaggctl.proxy.server", reason="needs the proxy")
+    from disaggctl.proxy import server
     plan = plan_of(
         tmp_path, HEAD + "prefill: {replicas: 2}\ndecode: {replicas: 2}\nproxy: {policy: least_load}\n"
     )

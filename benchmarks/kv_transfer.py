@@ -14,6 +14,7 @@ pool. For each KV shape and prompt length it times, as the median of `--reps` re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from disaggctl.runtime.builtin import TINY_CONFIG
 from disaggctl.transfer.kv_layout import KvLayout, kv_write_batches
 from disaggctl.transfer.mooncake import MooncakeAgent
 
@@ -55,8 +57,14 @@ class Shape:
 
 SHAPES = {
     "qwen2.5-0.5b": Shape("qwen2.5-0.5b", layers=24, kv_heads=2, head_dim=64, dtype="bfloat16"),
-    # builtin:tiny runs in float32 on CPU; GQA with 2 KV heads.
-    "builtin-tiny": Shape("builtin-tiny", layers=4, kv_heads=2, head_dim=32, dtype="float32"),
+    # read from the recipe so the two cannot drift apart; float32 is the engine's default on CPU
+    "builtin-tiny": Shape(
+        "builtin-tiny",
+        layers=TINY_CONFIG["num_hidden_layers"],
+        kv_heads=TINY_CONFIG["num_key_value_heads"],
+        head_dim=TINY_CONFIG["head_dim"],
+        dtype="float32",
+    ),
 }
 
 
@@ -67,15 +75,28 @@ def make_pool(shape: Shape, pages: int, device: str) -> torch.Tensor:
     return pool
 
 
+def pages_digest(pool: torch.Tensor, first_page: int, pages: int, tokens: int) -> str:
+    """Hash of the first `tokens` tokens of every layer's K and V held in pages first_page.. (in order)."""
+    part = pool[:, :, first_page : first_page + pages]
+    part = part.reshape(part.shape[0], 2, -1, *part.shape[-2:])[:, :, :tokens]
+    return hashlib.sha1(part.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+
+
 def serve(args: argparse.Namespace) -> None:
-    """Child process: the decode-side pool."""
+    """Child process: the decode-side pool. Answers `digest FIRST PAGES TOKENS` lines until `exit`."""
     shape = SHAPES[args.shape]
     agent = MooncakeAgent(args.hostname, args.protocol, args.ib_device, timeout_s=args.timeout)
     pool = make_pool(shape, args.pool_pages, args.serve_device)
     agent.register(pool.data_ptr(), pool.numel() * pool.element_size())
     hello = {"session_id": agent.session_id, "layout": KvLayout.from_tensor(pool).to_dict()}
     print(json.dumps(hello), flush=True)
-    sys.stdin.readline()
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] != "digest":
+            break
+        if pool.is_cuda:  # a GPU-side copy may still be in flight on another stream
+            torch.cuda.synchronize(pool.device)
+        print(pages_digest(pool, *map(int, words[1:4])), flush=True)
     agent.close()
 
 
@@ -164,6 +185,12 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
                     ("per-page", len(unmerged[0]), per_page, max(3, args.reps // 2)),
                 ]
                 medians = interleaved_medians(cases)
+                # a transport that reports success without moving the bytes would make every number a lie
+                merged()
+                child.stdin.write(f"digest 7 {pages} {tokens}\n")
+                child.stdin.flush()
+                if child.stdout.readline().strip() != pages_digest(pool, 0, pages, tokens):
+                    raise SystemExit(f"{shape.name}, {tokens} tokens: the peer's pages differ after a write")
                 raw_s = medians["raw"]
                 for case, entries, _, reps in cases:
                     seconds = medians[case]

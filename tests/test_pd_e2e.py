@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port
+from hf_reference import hf_greedy, save_random_model
 
 from disaggctl.runtime.builtin import resolve_model
 
@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory):
     """A random Qwen2 (QKV biases, untied) saved by transformers, with builtin:tiny's tokenizer files.
 
     Init std 0.2 and perturbed norms and biases: the default init hides RoPE and bias mistakes."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
     mp = pytest.MonkeyPatch()
     mp.setenv("DISAGGCTL_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -60,28 +60,7 @@ def model_dir(tmp_path_factory):
         bos_token_id=0,
         eos_token_id=2,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    model.save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tiny, name), d / name)
-    return str(d)
-
-
-def hf_greedy(model_dir: str, ids: list[int], n: int, _cache: dict = {}) -> list[int]:  # noqa: B006
-    from transformers import AutoModelForCausalLM
-
-    if model_dir not in _cache:
-        _cache[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = _cache[model_dir].generate(
-        torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(ids) :].tolist()
+    return save_random_model(cfg, d, tiny, perturb_biases=True)
 
 
 def prompt(n: int, seed: int) -> list[int]:

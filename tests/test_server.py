@@ -7,7 +7,6 @@ import http.client
 import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from conftest import free_port
+from hf_reference import hf_greedy, save_random_model
 
 from disaggctl.runtime.builtin import resolve_model
 from disaggctl.runtime.server import build_parser, serve
@@ -127,14 +127,6 @@ def metrics(port: int) -> dict[str, float]:
 # ---- models and the reference ----
 
 
-def _perturb(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     mp = pytest.MonkeyPatch()
@@ -148,7 +140,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, tiny_dir):
     """A random tied-embedding Llama saved by transformers, with builtin:tiny's tokenizer files."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     d = tmp_path_factory.mktemp("llama")
     cfg = LlamaConfig(
@@ -166,27 +158,7 @@ def llama_dir(tmp_path_factory, tiny_dir):
         eos_token_id=2,
         pad_token_id=0,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    _perturb(model, 1)
-    model.save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tiny_dir, name), d / name)
-    return str(d)
-
-
-_models: dict[str, object] = {}
-
-
-def hf_greedy(model_dir: str, ids: list[int], n: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    if model_dir not in _models:
-        _models[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = _models[model_dir].generate(
-        torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(ids) :].tolist()
+    return save_random_model(cfg, d, tiny_dir)
 
 
 @pytest.fixture(scope="module", params=["llama", "tiny"])

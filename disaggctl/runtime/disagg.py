@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from disaggctl.runtime.protocol import InvalidRequest, Job
-from disaggctl.runtime.roles import EngineStream, Role, TokenEvent, engine_sampling
+from disaggctl.runtime.roles import Role, TokenEvent
 from disaggctl.transfer.bootstrap import (
     DecodeBootstrapClient,
     DecodeRegistration,
@@ -130,20 +130,9 @@ class PrefillRole(TransferRole):
         await super().close()
 
     async def generate(self, job: Job) -> AsyncIterator[TokenEvent]:
-        from disaggctl.runtime.engine import Request
-
         self.check(job)
         room = job.bootstrap_room
-        stream = EngineStream(asyncio.get_running_loop())
-        self.engine.add_request(
-            Request(
-                rid=job.rid,
-                prompt_ids=list(job.prompt_ids),
-                sampling=engine_sampling(job, self.eos_token_ids),
-                mode="prefill_only",
-                on_event=stream.on_event,
-            )
-        )
+        stream = self.submit(job, "prefill_only", self.eos_token_ids)
         # Prefill and pairing run at once: the decode usually registers while the prompt is computed.
         pairing = asyncio.ensure_future(self.bootstrap.expect(room))
         prefilled = None
@@ -223,19 +212,8 @@ class DecodeRole(TransferRole):
         await super().close()
 
     async def generate(self, job: Job) -> AsyncIterator[TokenEvent]:
-        from disaggctl.runtime.engine import Request
-
         self.check(job)
-        stream = EngineStream(asyncio.get_running_loop())
-        self.engine.add_request(
-            Request(
-                rid=job.rid,
-                prompt_ids=list(job.prompt_ids),
-                sampling=engine_sampling(job, self.eos_token_ids),
-                mode="remote_kv",
-                on_event=stream.on_event,
-            )
-        )
+        stream = self.submit(job, "remote_kv", self.eos_token_ids)
         finished = False
         try:
             ev = await stream.next_raw()

@@ -54,6 +54,22 @@ class Role:
     def abort(self, rid: str) -> None:
         self.engine.abort(rid)
 
+    def submit(self, job: Job, mode: str, eos_token_ids: list[int]) -> EngineStream:
+        """Hand the job to the engine in `mode`; its events arrive on the returned stream."""
+        from disaggctl.runtime.engine import Request
+
+        stream = EngineStream(asyncio.get_running_loop())
+        self.engine.add_request(
+            Request(
+                rid=job.rid,
+                prompt_ids=list(job.prompt_ids),
+                sampling=engine_sampling(job, eos_token_ids),
+                mode=mode,
+                on_event=stream.on_event,
+            )
+        )
+        return stream
+
     def alive(self) -> bool:
         return engine_alive(self.engine)
 
@@ -148,19 +164,9 @@ class ColocatedRole(Role):
         return cls(engine, tokenizer.eos_token_ids)
 
     async def generate(self, job: Job) -> AsyncIterator[TokenEvent]:
-        from disaggctl.runtime.engine import Request
-
-        stream = EngineStream(asyncio.get_running_loop())
-        req = Request(
-            rid=job.rid,
-            prompt_ids=list(job.prompt_ids),
-            sampling=engine_sampling(job, self.eos_token_ids),
-            mode=self.mode,
-            on_event=stream.on_event,
-        )
+        stream = self.submit(job, self.mode, self.eos_token_ids)
         finished = False
         try:
-            self.engine.add_request(req)
             while not finished:
                 ev = await stream.next()
                 finished = ev.finished

@@ -27,10 +27,11 @@ class SeqSlice:
 
 
 @dataclass
-class PrefillPiece:
-    q_start: int
-    q_len: int
-    kv_slots: torch.Tensor  # [kv_len] cache slots of the sequence's keys, in position order
+class PrefillGroup:
+    """Prefill pieces of one (q_len, kv_len) shape, attended to in one batched SDPA call."""
+
+    rows: torch.Tensor  # [G, q_len] rows of q, one line per sequence
+    kv_slots: torch.Tensor  # [G, kv_len] cache slots of each sequence's keys, in position order
     mask: torch.Tensor | None  # [q_len, kv_len] bool, None when plain causal (no cached prefix)
 
 
@@ -42,67 +43,82 @@ class AttentionMeta:
     q_lens: list[int]
     kv_lens: list[int]
     block_table: torch.Tensor  # [B, max_pages] int32 page ids (padding 0): what paged kernels read
-    # rows with a single new token are batched together: one gather and one SDPA per layer
-    decode_rows: torch.Tensor | None = None  # [Bd]
+    # rows with a single new token are batched together: one gather and two matmuls per layer
+    decode_rows: torch.Tensor | None = None  # [Bd]; None with decode_slots set: every row, in order
     decode_slots: torch.Tensor | None = None  # [Bd, Lmax]
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Lmax] True where a key exists
-    prefills: list[PrefillPiece] = field(default_factory=list)
+    decode_mask: torch.Tensor | None = None  # [Bd, Lmax] True where a key exists
+    prefills: list[PrefillGroup] = field(default_factory=list)
+    # per-step tensors derived once and reused by every layer (additive masks per dtype, head ids)
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
         return int(self.slot_mapping.shape[0])
 
 
-def _slots(pages: np.ndarray, positions: np.ndarray, page_size: int) -> np.ndarray:
-    return pages[positions // page_size] * page_size + positions % page_size
-
-
 def build_meta(seqs: Sequence[SeqSlice], page_size: int, scale: float, device) -> AttentionMeta:
-    """Describe one step for the attention kernels (host work: numpy, then one copy per tensor)."""
-    slot_mapping, decode_idx, decode_kv, decode_pages = [], [], [], []
+    """Describe one step for the attention kernels (host work: numpy, then one copy per tensor).
+
+    Vectorised over sequences: at decode batch sizes a per-sequence Python loop here costs more than the
+    step's attention does on a GPU. Only prefill pieces, few per step, are handled one by one.
+    """
+    q_lens = np.fromiter((s.q_len for s in seqs), dtype=np.int64, count=len(seqs))
+    kv_lens = np.fromiter((s.kv_len for s in seqs), dtype=np.int64, count=len(seqs))
+    num_pages = np.fromiter((len(s.pages) for s in seqs), dtype=np.int64, count=len(seqs))
+    bad = (kv_lens > num_pages * page_size) | (q_lens < 1) | (q_lens > kv_lens)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"bad step slice: q_len {q_lens[i]}, kv_len {kv_lens[i]}, {num_pages[i]} pages")
+    table = np.zeros((len(seqs), int(num_pages.max())), dtype=np.int64)
+    table[np.arange(table.shape[1])[None, :] < num_pages[:, None]] = np.fromiter(
+        (p for s in seqs for p in s.pages), dtype=np.int64, count=int(num_pages.sum())
+    )
+    row_starts = np.cumsum(q_lens) - q_lens
+    total = int(q_lens.sum())
+    seq_of_row = np.repeat(np.arange(len(seqs)), q_lens)
+    positions = np.arange(total) - row_starts[seq_of_row] + (kv_lens - q_lens)[seq_of_row]
+    slot_mapping = table[seq_of_row, positions // page_size] * page_size + positions % page_size
+
+    # (q_len, kv_len) -> (rows, kv slots) of each piece: equal shapes share one SDPA call per layer
+    groups: dict[tuple[int, int], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    for i in np.flatnonzero(q_lens > 1).tolist():
+        q_len, kv_len = int(q_lens[i]), int(kv_lens[i])
+        rows, slots = groups.setdefault((q_len, kv_len), ([], []))
+        rows.append(np.arange(row_starts[i], row_starts[i] + q_len))
+        kv_pos = np.arange(kv_len)
+        slots.append(table[i, kv_pos // page_size] * page_size + kv_pos % page_size)
     prefills = []
-    max_pages = max(len(s.pages) for s in seqs)
-    table = np.zeros((len(seqs), max_pages), dtype=np.int64)
-    row = 0
-    for i, s in enumerate(seqs):
-        pages = np.asarray(s.pages, dtype=np.int64)
-        if s.kv_len > len(pages) * page_size or s.q_len < 1 or s.q_len > s.kv_len:
-            raise ValueError(f"bad step slice: q_len {s.q_len}, kv_len {s.kv_len}, {len(pages)} pages")
-        table[i, : len(pages)] = pages
-        slot_mapping.append(_slots(pages, np.arange(s.kv_len - s.q_len, s.kv_len), page_size))
-        if s.q_len == 1:
-            decode_idx.append(row)
-            decode_kv.append(s.kv_len)
-            decode_pages.append(i)
-        else:
-            kv_slots = torch.from_numpy(_slots(pages, np.arange(s.kv_len), page_size)).to(device)
-            mask = None
-            if s.kv_len != s.q_len:  # causal, shifted by the cached prefix
-                q_pos = torch.arange(s.kv_len - s.q_len, s.kv_len, device=device)
-                mask = torch.arange(s.kv_len, device=device)[None, :] <= q_pos[:, None]
-            prefills.append(PrefillPiece(row, s.q_len, kv_slots, mask))
-        row += s.q_len
+    for (q_len, kv_len), (rows, slots) in groups.items():
+        mask = None
+        if kv_len != q_len:  # causal, shifted by the cached prefix
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+            mask = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
+        prefills.append(
+            PrefillGroup(
+                torch.from_numpy(np.stack(rows)).to(device),
+                torch.from_numpy(np.stack(slots)).to(device),
+                mask,
+            )
+        )
     meta = AttentionMeta(
         scale=scale,
         page_size=page_size,
-        slot_mapping=torch.from_numpy(np.concatenate(slot_mapping)).to(device),
-        q_lens=[s.q_len for s in seqs],
-        kv_lens=[s.kv_len for s in seqs],
+        slot_mapping=torch.from_numpy(slot_mapping).to(device),
+        q_lens=q_lens.tolist(),
+        kv_lens=kv_lens.tolist(),
         block_table=torch.from_numpy(table).to(device=device, dtype=torch.int32),
         prefills=prefills,
     )
-    if decode_idx:
-        lmax = max(decode_kv)
-        pages_d = table[decode_pages, : (lmax + page_size - 1) // page_size]
-        slots = (pages_d[:, :, None] * page_size + np.arange(page_size)).reshape(len(decode_idx), -1)[
-            :, :lmax
-        ]
-        kv_lens = np.asarray(decode_kv)
-        meta.decode_rows = torch.tensor(decode_idx, device=device)
+    decoding = np.flatnonzero(q_lens == 1)
+    if decoding.size:
+        decode_kv = kv_lens[decoding]
+        lmax = int(decode_kv.max())
+        pages_d = table[decoding, : (lmax + page_size - 1) // page_size]
+        slots = (pages_d[:, :, None] * page_size + np.arange(page_size)).reshape(decoding.size, -1)[:, :lmax]
+        if decoding.size != total:  # a pure decode step needs no row gather and scatter
+            meta.decode_rows = torch.from_numpy(row_starts[decoding]).to(device)
         meta.decode_slots = torch.from_numpy(np.ascontiguousarray(slots)).to(device)
-        meta.decode_mask = torch.from_numpy(np.arange(lmax)[None, :] < kv_lens[:, None]).to(device)[
-            :, None, None
-        ]
+        meta.decode_mask = torch.from_numpy(np.arange(lmax)[None, :] < decode_kv[:, None]).to(device)
     return meta
 
 
@@ -113,27 +129,52 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k, v, meta: Attention
     v_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, v)
 
 
+def _decode_attention(q, kf, vf, meta: AttentionMeta) -> torch.Tensor:
+    """q: [Bd, H, D] one token per sequence -> [Bd, H, D].
+
+    Hand-written rather than SDPA: with a padding mask and grouped KV heads SDPA takes its math path,
+    about fifteen small kernels per layer; this is five. Query heads h*G .. h*G+G-1 share KV head h, as
+    in transformers' repeat_kv, so the group folds into the matmul's row dimension.
+    """
+    bd, heads, dim = q.shape
+    kv_heads = kf.shape[1]
+    key = ("decode", q.dtype, kv_heads)
+    if key not in meta.cache:
+        bias = torch.zeros(meta.decode_mask.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~meta.decode_mask, float("-inf"))
+        bias = bias[:, None, None, :].expand(-1, kv_heads, 1, -1).reshape(bd * kv_heads, 1, -1)
+        # rows of the [slots * kv_heads, D] view, in [Bd, Hkv, L] order: index_select with one flat
+        # index costs a fraction of the host time of advanced indexing with two
+        head_ids = torch.arange(kv_heads, device=q.device)[None, :, None]
+        rows = (meta.decode_slots[:, None, :] * kv_heads + head_ids).reshape(-1)
+        meta.cache[key] = (bias, rows)
+    bias, rows = meta.cache[key]
+    k = kf.view(-1, dim).index_select(0, rows).view(bd * kv_heads, -1, dim)  # [Bd*Hkv, L, D]
+    v = vf.view(-1, dim).index_select(0, rows).view(bd * kv_heads, -1, dim)
+    qg = q.reshape(bd * kv_heads, heads // kv_heads, dim)
+    scores = torch.baddbmm(bias, qg, k.transpose(1, 2), alpha=meta.scale)
+    # softmax accumulates in fp32 and rounds once, as transformers' eager attention does
+    return torch.bmm(torch.softmax(scores, dim=-1), v).view(bd, heads, dim)
+
+
 def torch_reference(q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
-    """Gather each sequence's keys/values by slot, then SDPA with the right causal offset."""
+    """Gather each sequence's keys/values by slot, then attention with the right causal offset."""
     heads, dim = k_cache.shape[-2:]
     kf, vf = k_cache.view(-1, heads, dim), v_cache.view(-1, heads, dim)
+    if meta.decode_slots is not None and meta.decode_rows is None:
+        return _decode_attention(q.contiguous(), kf, vf, meta)
     out = torch.empty_like(q)
-    if meta.decode_rows is not None:
-        qd = q.index_select(0, meta.decode_rows).unsqueeze(2)  # [Bd, H, 1, D]
-        k = kf[meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, L, D]
-        v = vf[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qd, k, v, attn_mask=meta.decode_mask, scale=meta.scale, enable_gqa=True
-        )
-        out.index_copy_(0, meta.decode_rows, o.squeeze(2))
+    if meta.decode_slots is not None:
+        o = _decode_attention(q.index_select(0, meta.decode_rows), kf, vf, meta)
+        out.index_copy_(0, meta.decode_rows, o)
     for p in meta.prefills:
-        qp = q[p.q_start : p.q_start + p.q_len].transpose(0, 1)  # [H, n, D]
-        k = kf[p.kv_slots].transpose(0, 1)
-        v = vf[p.kv_slots].transpose(0, 1)
+        qp = q[p.rows].transpose(1, 2)  # [G, H, n, D]
+        k = kf[p.kv_slots].transpose(1, 2)  # [G, Hkv, kv_len, D]
+        v = vf[p.kv_slots].transpose(1, 2)
         o = F.scaled_dot_product_attention(
             qp, k, v, attn_mask=p.mask, is_causal=p.mask is None, scale=meta.scale, enable_gqa=True
         )
-        out[p.q_start : p.q_start + p.q_len] = o.transpose(0, 1)
+        out.index_copy_(0, p.rows.reshape(-1), o.transpose(1, 2).reshape(-1, *q.shape[1:]))
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from disaggctl.runtime.attention import AttentionMeta, paged_attention, store_kv
@@ -81,15 +82,39 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # without a weight rms_norm normalises in fp32 and rounds to x's dtype (one fused kernel on CUDA);
+        # the scale comes after the rounding, as in transformers
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def fuse_linears(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for layers that read the same input; the layers keep views into it.
+
+    A step is a few hundred small kernels whose launches cost more than their math at decode batch
+    sizes, so one matmul instead of three pays. The views keep the checkpoint's names and hold no copy.
+    """
+    weight = torch.cat([m.weight.detach() for m in layers])
+    has_bias = [m.bias is not None for m in layers]
+    bias = torch.cat([m.bias.detach() for m in layers]) if all(has_bias) else None
+    if any(has_bias) and bias is None:
+        raise ValueError("cannot fuse linear layers of which only some have a bias")
+    start = 0
+    for m in layers:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias
 
 
 class Attention(nn.Module):
@@ -103,16 +128,24 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim, per head, before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by `fuse`
+
+    def fuse(self) -> None:
+        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
+        n, h, hkv, d = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        if self.qkv is not None:
+            qkv = F.linear(x, *self.qkv)
+        else:
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        v = qkv[:, (h + hkv) * d :].view(n, hkv, d)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+            q = apply_rope(self.q_norm(qkv[:, : h * d].view(n, h, d)), cos, sin)
+            k = apply_rope(self.k_norm(qkv[:, h * d : (h + hkv) * d].view(n, hkv, d)), cos, sin)
+        else:  # q and k side by side: one RoPE pass over both
+            qk = apply_rope(qkv[:, : (h + hkv) * d].view(n, h + hkv, d), cos, sin)
+            q, k = qk[:, :h], qk[:, h:]
         store_kv(k_cache, v_cache, k, v, meta)
         o = paged_attention(q, k_cache, v_cache, meta)
         return self.o_proj(o.reshape(n, self.heads * self.head_dim))
@@ -124,9 +157,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by `fuse`
+
+    def fuse(self) -> None:
+        self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -158,9 +198,20 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         inv_freq, self.rope_factor = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.fused = False
 
     def init_buffers(self, device) -> None:
         self.inv_freq = rope_inv_freq(self.config)[0].to(device)
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up as one matmul each. Done at the first forward, not at load time: the loader
+        still holds the checkpoint's tensors then, and fusing every layer at once would need the fused
+        copies beside all of them; here one layer's originals are freed before the next is fused."""
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in self.model.layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+        self.fused = True
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
@@ -183,6 +234,8 @@ class LlamaForCausalLM(nn.Module):
         logit_rows: torch.Tensor,
     ) -> torch.Tensor:
         """Logits (fp32, [len(logit_rows), vocab]) of the given rows; KV of every token goes to `kv_cache`."""
+        if not self.fused:
+            self.fuse_projections()
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):

@@ -6,8 +6,9 @@
 `--model`: `builtin:tiny`, `qwen2.5-0.5b-shape` (random weights in the Qwen2.5-0.5B shape, built with
 transformers: hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936, tied) or a local model
 directory. Decode tok/s for both sides = batch * (new_tokens - 1) / (time of the whole generation minus the
-time to the first token), so prefill is left out the same way on both sides. Each side runs `--repeats`
-times per batch size (the two alternating, so drift hits both alike) and the median is reported.
+time to the first token), so prefill is left out the same way on both sides. After one full-length
+warm-up, each side runs `--repeats` times per batch size (the two alternating, so drift hits both alike)
+and the median is reported, with every run's number in the JSON.
 `--profile DIR` also writes a torch profiler table and a cProfile listing of one engine run at the
 largest batch, to see whether a step waits on the host or on the device.
 """
@@ -140,24 +141,50 @@ def _cpu_model() -> str:
 
 
 def profile_engine(engine, prompts, new_tokens: int, out_dir: Path) -> None:
+    """Profile the decode steps of one run (the prefill step runs first, outside the profilers)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from disaggctl.runtime.engine import Request
+    from disaggctl.runtime.sampling import SamplingParams
+
+    def start() -> None:
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            engine.add_request(Request(f"p{i}", p, params))
+        engine.step()
+
+    def decode() -> int:
+        steps = 0
+        while engine.step():
+            steps += 1
+        return steps
 
     out_dir.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU]
     if engine.device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        engine_run(engine, prompts, new_tokens)
+    start()
+    with profile(activities=activities, record_shapes=True) as prof:
+        decode()
     sort = "cuda_time_total" if len(activities) > 1 else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40)
-    (out_dir / "profile_torch.txt").write_text(table + "\n", encoding="utf-8")
+    # copies hide behind views and strided inputs; their shapes say which tensor pays for one
+    copies = [
+        f"{e.count:6d}  {e.key}  {e.input_shapes}"
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key in ("aten::clone", "aten::contiguous", "aten::copy_", "aten::_to_copy")
+    ]
+    (out_dir / "profile_torch.txt").write_text(table + "\n\n" + "\n".join(copies) + "\n", encoding="utf-8")
+    start()
     pr = cProfile.Profile()
+    began = time.perf_counter()
     pr.enable()
-    _, total, _ = engine_run(engine, prompts, new_tokens)
+    steps = decode()
     pr.disable()
+    took = time.perf_counter() - began
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(45)
-    head = f"batch {len(prompts)}, {new_tokens} new tokens, {total:.3f} s under cProfile\n"
+    head = f"batch {len(prompts)}: {steps} decode steps in {took:.3f} s under cProfile\n"
     (out_dir / "profile_py.txt").write_text(head + buf.getvalue(), encoding="utf-8")
 
 
@@ -206,9 +233,10 @@ def bench(args) -> tuple[list[dict], dict]:
     rows = []
     for batch in batches:
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=g).tolist()
-        # full-batch warm-up: kernels, allocator pools and library heuristics depend on the shapes
-        engine_run(engine, prompts, 3)
-        hf_run(hf, prompts, 3)
+        # a full-length warm-up on both sides: every step's shapes (batch, context length) are new the
+        # first time, and a first pass pays for kernel selection and allocator growth at each of them
+        engine_run(engine, prompts, args.new_tokens)
+        hf_run(hf, prompts, args.new_tokens)
         ours, theirs, ttfts, hf_ttfts = [], [], [], []
         decoded = batch * (args.new_tokens - 1)
         for _ in range(args.repeats):
@@ -220,6 +248,10 @@ def bench(args) -> tuple[list[dict], dict]:
             theirs.append(decoded / max(hf_total - hf_first, 1e-9))
             hf_ttfts.append(hf_first)
         same = sum(a == b for a, b in zip(engine_ids, hf_ids, strict=True))
+        prefix = [
+            next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+            for a, b in zip(engine_ids, hf_ids, strict=True)
+        ]
         ours_med, theirs_med = statistics.median(ours), statistics.median(theirs)
         rows.append(
             {
@@ -239,6 +271,7 @@ def bench(args) -> tuple[list[dict], dict]:
                 "transformers_ttft_s": round(statistics.median(hf_ttfts), 4),
                 # greedy on both sides: identical outputs show the two really ran the same weights
                 "identical_outputs": f"{same}/{batch}",
+                "mean_common_prefix": round(statistics.mean(prefix), 1),
             }
         )
         print(_row(rows[-1]), file=sys.stderr, flush=True)
@@ -267,7 +300,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", default="1,32,128", help="comma-separated batch sizes")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch; the median counts")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per side and batch; the median counts")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ap.add_argument("--profile", metavar="DIR", help="also profile one engine run at the largest batch")
     args = ap.parse_args(argv)

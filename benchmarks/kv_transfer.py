@@ -29,7 +29,41 @@ import torch
 
 from disaggctl.runtime.builtin import TINY_CONFIG
 from disaggctl.transfer.kv_layout import KvLayout, kv_write_batches
-from disaggctl.transfer.mooncake import MooncakeAgent
+from disaggctl.transfer.mooncake import MooncakeAgent, load_engine_module
+
+# Mooncake's own protocol name for same-host NVLink (CUDA IPC). MooncakeAgent(protocol="nvlink") hands
+# Mooncake "nvlink", which CUDA wheels built without multi-node NVLink refuse; this option measures the
+# intra-node path anyway by renaming the protocol on its way into Mooncake.
+NVLINK_INTRA = "nvlink_intra"
+# the contiguous destination run starts here, so source and destination offsets differ
+DST_FIRST_PAGE = 7
+
+
+class _RenamedProtocol:
+    """A TransferEngine whose initialize() passes `nvlink_intra` where it is given `nvlink`."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def initialize(self, hostname, metadata, protocol, device):
+        return self._engine.initialize(
+            hostname, metadata, NVLINK_INTRA if protocol == "nvlink" else protocol, device
+        )
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def make_agent(args: argparse.Namespace) -> MooncakeAgent:
+    if args.protocol != NVLINK_INTRA:
+        return MooncakeAgent(args.hostname, args.protocol, args.ib_device, timeout_s=args.timeout)
+    module = load_engine_module()
+    original = module.TransferEngine
+    module.TransferEngine = lambda: _RenamedProtocol(original())
+    try:
+        return MooncakeAgent(args.hostname, "nvlink", None, timeout_s=args.timeout)
+    finally:
+        module.TransferEngine = original
 
 
 @dataclass(frozen=True)
@@ -85,7 +119,7 @@ def pages_digest(pool: torch.Tensor, first_page: int, pages: int, tokens: int) -
 def serve(args: argparse.Namespace) -> None:
     """Child process: the decode-side pool. Answers `digest FIRST PAGES TOKENS` lines until `exit`."""
     shape = SHAPES[args.shape]
-    agent = MooncakeAgent(args.hostname, args.protocol, args.ib_device, timeout_s=args.timeout)
+    agent = make_agent(args)
     pool = make_pool(shape, args.pool_pages, args.serve_device)
     agent.register(pool.data_ptr(), pool.numel() * pool.element_size())
     hello = {"session_id": agent.session_id, "layout": KvLayout.from_tensor(pool).to_dict()}
@@ -126,7 +160,8 @@ def interleaved_medians(cases: list[tuple[str, int, object, int]]) -> dict[str, 
 
 def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) -> list[dict]:
     max_pages = math.ceil(max(args.tokens) / shape.page_size)
-    pool_pages = 2 * max_pages
+    # room for the shifted contiguous destination run even when one prompt length is used
+    pool_pages = 2 * max_pages + DST_FIRST_PAGE
     child_args = [sys.executable, __file__, "--serve", "--shape", shape.name, "--pool-pages", str(pool_pages)]
     child_args += ["--serve-device", args.peer_device or args.device, "--protocol", args.protocol]
     child_args += ["--hostname", args.hostname, "--timeout", str(args.timeout)]
@@ -149,7 +184,10 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
             for tokens in args.tokens:
                 pages = math.ceil(tokens / shape.page_size)
                 nbytes = tokens * shape.token_bytes()
-                contiguous_src, contiguous_dst = list(range(pages)), list(range(7, 7 + pages))
+                contiguous_src, contiguous_dst = (
+                    list(range(pages)),
+                    list(range(DST_FIRST_PAGE, DST_FIRST_PAGE + pages)),
+                )
                 scattered_src = rng.sample(range(pool_pages), pages)
                 scattered_dst = rng.sample(range(pool_pages), pages)
 
@@ -187,7 +225,7 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
                 medians = interleaved_medians(cases)
                 # a transport that reports success without moving the bytes would make every number a lie
                 merged()
-                child.stdin.write(f"digest 7 {pages} {tokens}\n")
+                child.stdin.write(f"digest {DST_FIRST_PAGE} {pages} {tokens}\n")
                 child.stdin.flush()
                 if child.stdout.readline().strip() != pages_digest(pool, 0, pages, tokens):
                     raise SystemExit(f"{shape.name}, {tokens} tokens: the peer's pages differ after a write")
@@ -253,7 +291,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the sending pool")
     parser.add_argument("--peer-device", help="device of the receiving pool (default: same as --device)")
-    parser.add_argument("--protocol", default="tcp", choices=["tcp", "rdma", "nvlink", "auto"])
+    parser.add_argument("--protocol", default="tcp", choices=["tcp", "rdma", "nvlink", "auto", NVLINK_INTRA])
     parser.add_argument("--ib-device", help="RDMA NIC(s), e.g. mlx5_0")
     parser.add_argument("--hostname", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=60.0)
@@ -270,13 +308,13 @@ def main() -> None:
         parser.error("--tokens and --reps must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA build of torch and a GPU")
-    agent = MooncakeAgent(args.hostname, args.protocol, args.ib_device, timeout_s=args.timeout)
+    agent = make_agent(args)
     rows = []
     for name in args.shape or sorted(SHAPES, reverse=True):
         rows += bench_shape(args, SHAPES[name], agent)
     meta = {
         "device": args.device,
-        "transport": agent.transport,
+        "transport": NVLINK_INTRA if args.protocol == NVLINK_INTRA else agent.transport,
         "reps": args.reps,
         "torch": torch.__version__,
     }

@@ -24,6 +24,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,6 +142,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def log_tail(proc: subprocess.Popen, n: int = 2000) -> str:
+    proc.stderr.flush()
+    proc.stderr.seek(0)
+    return proc.stderr.read()[-n:].decode(errors="replace")
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
     import urllib.error
     import urllib.request
@@ -148,7 +155,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> Non
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"error: {url} exited with status {proc.returncode} before it was healthy")
+            raise SystemExit(
+                f"error: {url} exited with status {proc.returncode} before it was healthy:\n{log_tail(proc)}"
+            )
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if r.status == 200:
@@ -161,7 +170,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> Non
 
 def start(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # stderr goes to a file, not a pipe: nobody reads a pipe during the runs, and a server that logs a
+    # warning per request (the peer's unclosed prefill connections) blocks once the pipe's 64 KiB fill up
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(), env=env)
 
 
 def measure(url: str, args: argparse.Namespace, concurrency: int, stream: bool) -> dict:

@@ -48,7 +48,7 @@ class AttentionMeta:
     decode_slots: torch.Tensor | None = None  # [Bd, Lmax]
     decode_mask: torch.Tensor | None = None  # [Bd, Lmax] True where a key exists
     prefills: list[PrefillGroup] = field(default_factory=list)
-    # per-step tensors derived once and reused by every layer (additive masks per dtype, head ids)
+    # per-step tensors derived at the first layer and reused by the others (decode mask bias, gather rows)
     cache: dict = field(default_factory=dict, repr=False)
 
     @property

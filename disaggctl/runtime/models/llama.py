@@ -100,7 +100,8 @@ def fuse_linears(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
     """One weight (and bias) for layers that read the same input; the layers keep views into it.
 
     A step is a few hundred small kernels whose launches cost more than their math at decode batch
-    sizes, so one matmul instead of three pays. The views keep the checkpoint's names and hold no copy.
+    sizes, so one matmul instead of three pays. The views keep the checkpoint's names and hold no copy;
+    the fused tensors are plain attributes, so fuse only once the model is on its device for good.
     """
     weight = torch.cat([m.weight.detach() for m in layers])
     has_bias = [m.bias is not None for m in layers]

@@ -245,3 +245,23 @@ def test_logprobs_are_model_logprobs(tiny):
         assert lps == pytest.approx(want.tolist(), abs=1e-4)
     finally:
         engine.stop()
+
+
+def test_garbage_in_unwritten_kv_slots_never_reaches_the_output(tiny):
+    """Pages come back from other requests (or from a late remote write) holding anything, NaN included;
+    a request reads only the slots it wrote, padding and page tails included."""
+    path, hf = tiny
+    batch = prompts(hf.config.vocab_size, lens=(3, 9, 14))
+    want = [hf_greedy(hf, p)[0] for p in batch]
+    engine = Engine(EngineConfig(model=path, device="cpu", dtype="float32", max_pages=48, page_size=4))
+    engine.kv_cache.tensor.fill_(float("nan"))
+    engine.start()
+    events = Events()
+    try:
+        for i, p in enumerate(batch):
+            engine.add_request(Request(f"r{i}", p, greedy(), on_event=events))
+        for i in range(len(batch)):
+            assert events.finish(f"r{i}").error is None
+            assert events.tokens(f"r{i}") == want[i], f"prompt {i}"
+    finally:
+        engine.stop()

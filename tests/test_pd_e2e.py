@@ -276,6 +276,11 @@ def test_pd_streams_openai_chat_and_completions(deploy, model_dir):
     status, gen = post(d.proxy + "/generate", greedy(ids, 10))
     assert status == 200 and gen["output_ids"] == want
     assert "".join(c["choices"][0]["text"] for c in chunks) == gen["text"]
+    # what bench asks the proxy to size its prompts: answered by a worker
+    status, info = get_json(d.proxy + "/server_info")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert status == 200 and info["vocab_size"] == json.load(f)["vocab_size"]
+    assert info["role"] == "decode"
     status, chat = post(
         d.proxy + "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "temperature": 0},

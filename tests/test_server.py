@@ -307,6 +307,10 @@ def test_info_endpoints(tiny_server):
     info = json.loads(text)
     assert status == 200 and info["role"] == "colocated" and info["page_size"] == 4
     assert info["max_model_len"] == 2048 and info["model"] == "tiny"
+    with open(os.path.join(tiny_server.model_dir, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    assert info["vocab_size"] == vocab
+    assert json.loads(get(tiny_server.port, "/v1/models")[1])["data"][0]["vocab_size"] == vocab
     assert get(tiny_server.port, "/health")[0] == 200
     m = metrics(tiny_server.port)
     for key in (

@@ -202,6 +202,7 @@ def create_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/workers", workers)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/server_info", server_info)
     for path in GENERATE_PATHS:
         app.router.add_post(path, generate)
     app.cleanup_ctx.append(_sessions)
@@ -292,7 +293,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    """Every worker serves the same model: ask the healthy ones in turn until one answers."""
+    return await _from_any_worker(request, "/v1/models")
+
+
+async def server_info(request: web.Request) -> web.Response:
+    return await _from_any_worker(request, "/server_info")
+
+
+async def _from_any_worker(request: web.Request, path: str) -> web.Response:
+    """Every worker serves the same model: ask the healthy ones (decode first) in turn until one answers."""
     px = request.app[PROXY]
     assert px.session is not None
     reasons = []
@@ -301,14 +310,14 @@ async def models(request: web.Request) -> web.Response:
     timeout = aiohttp.ClientTimeout(total=min(10.0, px.args.request_timeout))
     for w in candidates:
         try:
-            async with px.session.get(w.url + "/v1/models", timeout=timeout) as resp:
+            async with px.session.get(w.url + path, timeout=timeout) as resp:
                 body = await resp.read()
                 if resp.status == 200:
                     return web.Response(body=body, content_type="application/json")
                 reasons.append(f"{w.url}: HTTP {resp.status}")
         except UPSTREAM_ERRORS as e:
             reasons.append(f"{w.url}: {describe(e, timeout.total)}")
-    return json_error("no worker answered /v1/models (" + "; ".join(reasons) + ")", 502)
+    return json_error(f"no worker answered {path} (" + "; ".join(reasons) + ")", 502)
 
 
 # ---- generation ----

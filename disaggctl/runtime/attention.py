@@ -115,10 +115,14 @@ def build_meta(seqs: Sequence[SeqSlice], page_size: int, scale: float, device) -
         lmax = int(decode_kv.max())
         pages_d = table[decoding, : (lmax + page_size - 1) // page_size]
         slots = (pages_d[:, :, None] * page_size + np.arange(page_size)).reshape(decoding.size, -1)[:, :lmax]
+        valid = np.arange(lmax)[None, :] < decode_kv[:, None]
+        # Masked slots still go through the matmul (weight 0, but 0 * NaN is NaN): point them at the
+        # sequence's own first key, never at unwritten or foreign bytes (a late remote write, say).
+        slots = np.where(valid, slots, slots[:, :1])
         if decoding.size != total:  # a pure decode step needs no row gather and scatter
             meta.decode_rows = torch.from_numpy(row_starts[decoding]).to(device)
         meta.decode_slots = torch.from_numpy(np.ascontiguousarray(slots)).to(device)
-        meta.decode_mask = torch.from_numpy(np.arange(lmax)[None, :] < decode_kv[:, None]).to(device)
+        meta.decode_mask = torch.from_numpy(valid).to(device)
     return meta
 
 

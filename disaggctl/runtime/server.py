@@ -152,6 +152,7 @@ async def server_info(request: web.Request) -> web.Response:
             "role": st.role_name,
             "page_size": st.page_size or st.args.page_size,
             "max_model_len": st.max_model_len,
+            "vocab_size": st.vocab_size,
             "version": __version__,
             "ready": st.ready(),
         }
@@ -166,6 +167,7 @@ async def models(request: web.Request) -> web.Response:
         "created": 0,
         "owned_by": "disaggctl",
         "max_model_len": st.max_model_len,
+        "vocab_size": st.vocab_size,
     }
     return web.json_response({"object": "list", "data": [card]})
 

@@ -171,7 +171,9 @@ class MooncakeAgent:
         self._engine = module.TransferEngine()
         device_filter = (ib_device or "") if self.transport == "rdma" else ""
         # The protocol string only picks Mooncake's buffer allocator; the environment picks the transport.
-        rc = self._engine.initialize(hostname, "P2PHANDSHAKE", self.transport, device_filter)
+        # Mooncake reads "nvlink" as multi-node NVLink (a build option); one host's GPUs are "nvlink_intra".
+        mc_protocol = "nvlink_intra" if self.transport == "nvlink" else self.transport
+        rc = self._engine.initialize(hostname, "P2PHANDSHAKE", mc_protocol, device_filter)
         if rc != 0:
             raise TransferError(hostname, "Mooncake engine initialisation failed", rc)
         self.session_id = session_id_for(hostname, self._engine.get_rpc_port())

@@ -56,12 +56,12 @@ def procs():
     p.close()
 
 
-def pd(procs: Procs, model: str, dtype: str) -> str:
+def pd(procs: Procs, model: str, dtype: str, protocol: str = "tcp") -> str:
     boot = free_port()
     prefill = procs.serve(
-        "prefill", model, dtype, "--bootstrap-port", str(boot), "--transfer-protocol", "tcp"
+        "prefill", model, dtype, "--bootstrap-port", str(boot), "--transfer-protocol", protocol
     )
-    decode = procs.serve("decode", model, dtype, "--transfer-protocol", "tcp")
+    decode = procs.serve("decode", model, dtype, "--transfer-protocol", protocol)
     proxy_port = free_port()
     argv = [sys.executable, "-m", "disaggctl", "serve", "proxy", "--port", str(proxy_port)]
     argv += ["--prefill", prefill, "--bootstrap-port", str(boot), "--decode", decode]
@@ -78,8 +78,19 @@ def _ok(url: str) -> bool:
         return False
 
 
-def test_pd_on_gpu_equals_transformers_fp32(procs, model_dir):  # noqa: F811
-    url = pd(procs, model_dir, "float32")
+def nvlink_supported() -> bool:
+    try:
+        from mooncake import engine
+    except ImportError:
+        return False
+    return bool(getattr(engine, "SUPPORT_INTRA_NVLINK", False))
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "nvlink"])
+def test_pd_on_gpu_equals_transformers_fp32(procs, model_dir, protocol):  # noqa: F811
+    if protocol == "nvlink" and not nvlink_supported():
+        pytest.skip("this Mooncake build has no intra-node NVLink transport")
+    url = pd(procs, model_dir, "float32", protocol)
     cases = [(prompt(n, seed), m) for seed, (n, m) in enumerate([(1, 8), (17, 12), (100, 6), (300, 10)])]
     with ThreadPoolExecutor(len(cases)) as pool:
         got = list(pool.map(lambda c: post(url + "/generate", greedy(*c)), cases))

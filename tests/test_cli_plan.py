@@ -84,6 +84,23 @@ def test_plan_topology_error_names_file_and_line(cli, planner, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_up_refuses_what_the_embedded_runtime_cannot_run_before_starting_anything(
+    cli, tmp_path, disaggctl_home
+):
+    topo = tmp_path / "tp.yaml"
+    topo.write_text(
+        "name: tp\nmodel: {path: builtin:tiny, multimodal: true}\n"
+        "hosts:\n  - {name: local, address: 127.0.0.1, gpus: 4}\n"
+        "encoder: {replicas: 1}\nprefill: {replicas: 1, tp: 2}\ndecode: {replicas: 1}\n"
+    )
+    assert run(cli, "plan", str(topo)).returncode == 0  # it can be planned (and rendered for SGLang)
+    res = run(cli, "up", str(topo))
+    assert res.returncode == 2, res.stdout
+    assert f"{topo}:5: encoder: the embedded runtime has no encoder role" in res.stderr
+    assert f"{topo}:6: prefill.tp: the embedded runtime serves tp: 1 only" in res.stderr
+    assert not list(disaggctl_home.iterdir())  # no state, no run directory: nothing was started
+
+
 def test_plan_bad_engine_is_a_usage_error(cli, tmp_path):
     res = run(cli, "plan", str(tmp_path / "x.yaml"), "--engine", "vllm")
     assert res.returncode == 2 and "--engine must be embedded or sglang" in res.stderr

@@ -45,18 +45,21 @@ def _stdout_console():
     return console
 
 
-def _load_plan(path: Path, engine: str | None = None) -> Any:
+def _load_plan(path: Path, engine: str | None = None, launch: bool = False) -> Any:
     """Topology file -> Plan; topology errors are printed as `file:line: field: message`, exit 2."""
     if not path.is_file():
         raise _fail(f"{path}: no such topology file", EXIT_USAGE)
     from disaggctl.topology.load import TopologyError, load_topology
-    from disaggctl.topology.plan import build_plan
+    from disaggctl.topology.plan import build_plan, check_launchable
 
     try:
         topo = load_topology(path)
         if engine is not None:
             topo = topo.model_copy(update={"engine": engine})
-        return build_plan(topo, str(path))
+        plan = build_plan(topo, str(path))
+        if launch:
+            check_launchable(topo, str(path))
+        return plan
     except TopologyError as e:
         for line in str(e).splitlines():
             _err(line)
@@ -200,7 +203,7 @@ def up(
 ) -> None:
     if timeout <= 0:
         raise _fail("--timeout must be positive", EXIT_USAGE)
-    p = _load_plan(file)
+    p = _load_plan(file, launch=True)
     from disaggctl.launch import state, supervisor
 
     # `kill` of `up` must stop what it started, as Ctrl-C does

@@ -154,6 +154,26 @@ class _Rejections:
             raise TopologyError(source, self.issues, topology._lines)
 
 
+def check_launchable(topology: Topology, source: str) -> None:
+    """TopologyError for what a plan can describe but `up` cannot run yet: the embedded runtime has no
+    encoder role and serves tp/dp/ep 1 only (SGLang servers do all of these). `plan` stays permissive so
+    that such layouts can be drawn and rendered for SGLang."""
+    if topology.engine != "embedded":
+        return
+    rej = _Rejections()
+    for role_name, role in topology.roles():
+        if role_name == "encoder":
+            rej.add((role_name,), "the embedded runtime has no encoder role yet; use engine: sglang for EPD")
+        for knob in ("tp", "dp", "ep"):
+            value = getattr(role, knob)
+            if value > 1:
+                rej.add(
+                    (role_name, knob),
+                    f"the embedded runtime serves {knob}: 1 only; use engine: sglang for {knob}: {value}",
+                )
+    rej.raise_if_any(topology, source)
+
+
 # -- checks that need the whole file -------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, wait_for
 from hf_reference import hf_greedy, save_random_model
 
 from disaggctl.runtime.builtin import resolve_model
@@ -107,17 +107,6 @@ def metrics(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name.split("{")[0].removeprefix("disaggctl_")] = float(value)
     return out
-
-
-def wait_for(check, timeout_s: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---- deployments ----

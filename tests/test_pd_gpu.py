@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, wait_for
 from hf_reference import hf_greedy
-from test_pd_e2e import get_json, greedy, model_dir, post, prompt, wait_for  # noqa: F401
+from test_pd_e2e import get_json, greedy, model_dir, post, prompt  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 
 import pytest
+from conftest import wait_for
 
 from disaggctl.launch import ssh
 from disaggctl.launch.preflight import preflight
@@ -87,15 +88,6 @@ def group_members(lab, host: str, pgid: int) -> list[str]:
         line for line in res.stdout.splitlines() if int(line.split()[0]) == pgid and line.split()[1][0] != "Z"
     ]
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def http_status(url: str) -> int | None:

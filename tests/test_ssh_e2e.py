@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, wait_for
 
 pytest_plugins = ["netns_hosts"]
 pytestmark = pytest.mark.netns
@@ -85,15 +85,6 @@ def serving(lab, netns: str) -> list[str]:
             found.append(" ".join(args))
     return found
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def http_json(url: str, body: dict | None = None, timeout: float = 60) -> dict:

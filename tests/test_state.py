@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import psutil
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_for
 
 from disaggctl.launch import health, logview, state, supervisor
 from disaggctl.launch.local import LocalBackend, rotate
@@ -49,14 +49,6 @@ def record(
         name=name, host="local", pid=pid, start_time=0.0, log_path="/nonexistent", started_at=time.time(),
         spec_hash="h", url=url, backend="local", role=role,
     )  # fmt: skip
-
-
-def wait_for(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- state file -----------------------------------------------------------------------------------------

@@ -259,20 +259,28 @@ def _resolve(name: str | None) -> str:
         raise _fail(str(e)) from None
 
 
-def status(
-    name: Annotated[str | None, typer.Argument(help="Deployment name (default: the only one).")] = None,
-    name_opt: Annotated[str | None, typer.Option("--name", help="Deployment name.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
-) -> None:
-    from disaggctl.launch import state, supervisor
+def _load_deployment(name: str | None) -> Any:
+    """The state of the named (or only) deployment; a one-line failure when there is none or it is unreadable."""
+    from disaggctl.launch import state
 
-    dep = _resolve(name or name_opt)
+    dep = _resolve(name)
     try:
         st = state.load(dep)
     except state.StateError as e:
         raise _fail(str(e)) from None
     if st is None:
         raise _fail(f"no deployment named {dep!r}")
+    return st
+
+
+def status(
+    name: Annotated[str | None, typer.Argument(help="Deployment name (default: the only one).")] = None,
+    name_opt: Annotated[str | None, typer.Option("--name", help="Deployment name.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+) -> None:
+    from disaggctl.launch import supervisor
+
+    st = _load_deployment(name or name_opt)
     rows = supervisor.status(st)
     now = time.time()
     healthy = bool(rows) and all(r.healthy for r in rows)
@@ -356,17 +364,11 @@ def logs(
         str | None, typer.Option("--name", help="Deployment name (default: the only one).")
     ] = None,
 ) -> None:
-    from disaggctl.launch import logview, state, supervisor
+    from disaggctl.launch import logview, supervisor
 
     if lines is not None and lines < 0:
         raise _fail("--tail must be 0 or more", EXIT_USAGE)
-    dep = _resolve(name)
-    try:
-        st = state.load(dep)
-    except state.StateError as e:
-        raise _fail(str(e)) from None
-    if st is None:
-        raise _fail(f"no deployment named {dep!r}")
+    st = _load_deployment(name)
     try:
         chosen = logview.select(st.processes, target)
     except ValueError as e:

@@ -139,8 +139,7 @@ class PrefillRole(TransferRole):
         handed_off = False
         try:
             ev = await stream.next_raw()
-            if ev.kind != "prefilled":
-                pairing.cancel()
+            if ev.kind != "prefilled":  # the pairing is cancelled on the way out
                 yield TokenEvent(finished=True, finish_reason=ev.finish_reason, error=ev.error or "aborted")
                 return
             prefilled = ev
@@ -163,7 +162,9 @@ class PrefillRole(TransferRole):
             first = prefilled.token_ids[0]
             logprob = prefilled.logprobs[0] if prefilled.logprobs else None
             if not self.bootstrap.complete(room, first, logprob):
-                yield TokenEvent(finished=True, error="the decode side went away before the KV was handed off")
+                yield TokenEvent(
+                    finished=True, error="the decode side went away before the KV was handed off"
+                )
                 return
             yield self.last_event(first)
         finally:

@@ -225,13 +225,17 @@ def test_room_ids_and_loop_guard():
 
 PREFILL_PROCESS = textwrap.dedent(
     """
-    import asyncio
+    import asyncio, sys
     from disaggctl.transfer.bootstrap import PrefillBootstrap
 
     async def main():
         server = PrefillBootstrap("127.0.0.1", 0)
         await server.start()
         print(server.port, flush=True)
+        # Tell the test when a registration is held open: it kills us at that moment, not after a sleep.
+        while server.open_rooms == 0:
+            await asyncio.sleep(0.01)
+        print("registered", flush=True)
         await asyncio.sleep(3600)
 
     asyncio.run(main())
@@ -239,12 +243,16 @@ PREFILL_PROCESS = textwrap.dedent(
 )
 
 
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "the prefill bootstrap process said nothing"
+    return proc.stdout.readline().strip()
+
+
 @pytest.fixture
 def prefill_process():
     proc = subprocess.Popen([sys.executable, "-c", PREFILL_PROCESS], stdout=subprocess.PIPE, text=True)
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    assert ready, "prefill bootstrap process did not start"
-    port = int(proc.stdout.readline())
+    port = int(read_line(proc, 30))
     yield proc, f"http://127.0.0.1:{port}"
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
@@ -253,26 +261,49 @@ def prefill_process():
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_dead_prefill_fails_decode_quickly(prefill_process):
+def test_dead_prefill_fails_decode_quickly_with_the_message_of_its_stage(prefill_process):
+    """What decode reports depends on when the prefill died, never on how the kernel tore its sockets down:
+    while the registration is open -> "lost before it answered"; once the process is gone -> "cannot reach"."""
     proc, url = prefill_process
 
     async def scenario():
         client = DecodeBootstrapClient()
         try:
             decode = asyncio.create_task(client.register_and_wait(url, ROOM, registration(), 30))
-            await asyncio.sleep(0.5)
+            assert await asyncio.to_thread(read_line, proc, 20) == "registered"
             assert not decode.done()
             os.kill(proc.pid, signal.SIGKILL)
             began = time.monotonic()
-            with pytest.raises(KvTransferError, match="lost"):
+            with pytest.raises(KvTransferError, match="lost before it answered"):
                 await decode
             assert time.monotonic() - began < 2.0
+            await asyncio.to_thread(proc.wait, 10)  # the process is gone, so are its sockets
             began = time.monotonic()
-            with pytest.raises(KvTransferError, match="cannot reach"):
+            with pytest.raises(KvTransferError, match="cannot reach the prefill bootstrap"):
                 await client.register_and_wait(url, ROOM + 1, registration(ROOM + 1), 30)
             assert time.monotonic() - began < 2.0
         finally:
             await client.close()
+
+    run(scenario())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_prefill_dying_after_its_answer_does_not_touch_the_decode():
+    async def scenario():
+        server = await started()
+        client = DecodeBootstrapClient()
+        try:
+            decode = asyncio.create_task(client.register_and_wait(server.url, ROOM, registration(), 30))
+            await server.expect(ROOM, timeout=10)
+            server.complete(ROOM, 7, -0.5)
+            result = await decode
+            await server.stop()  # the prefill goes away after it answered: the decode has its KV already
+            assert (result.first_token, result.logprob) == (7, -0.5)
+        finally:
+            await client.close()
+            await server.stop()
 
     run(scenario())
 
@@ -286,6 +317,7 @@ def test_frozen_prefill_is_noticed_by_heartbeat(prefill_process):
         client = DecodeBootstrapClient(heartbeat_s=0.3, heartbeat_misses=2)
         try:
             decode = asyncio.create_task(client.register_and_wait(url, ROOM, registration(), 30))
+            assert await asyncio.to_thread(read_line, proc, 20) == "registered"
             await asyncio.sleep(0.8)  # healthy heartbeats pass while the prefill is alive
             assert not decode.done()
             os.kill(proc.pid, signal.SIGSTOP)

@@ -303,8 +303,14 @@ class SshConnection:
                 while chan.recv_stderr_ready():
                     err.append(chan.recv_stderr(65536))
                     got = True
-                # exit-status comes after all data on the same ordered transport, so nothing is lost.
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                # Done only at EOF *and* exit status: sshd may send exit-status before it has drained the
+                # command's output pipe (RFC 4254 orders neither), so exit status alone can cut stdout short.
+                if (
+                    chan.eof_received
+                    and chan.exit_status_ready()
+                    and not chan.recv_ready()
+                    and not chan.recv_stderr_ready()
+                ):
                     break
                 if time.monotonic() > deadline:
                     raise SshError(

@@ -410,12 +410,17 @@ class DecodeBootstrapClient:
         except asyncio.TimeoutError:
             raise KvTransferError(room, f"no KV from {base} within {timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:
+            # Stage 1: nothing listens there (the prefill is not running, or not yet).
             raise KvTransferError(
-                room, f"cannot reach the prefill bootstrap at {base}: {exc.os_error}"
+                room, f"cannot reach the prefill bootstrap at {base} (is the prefill running?): {exc.os_error}"
             ) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+            # Stage 2: connected, then the connection ended without an answer. Whether the kernel reports a
+            # reset or a clean close depends on how the prefill died; the message does not.
             raise KvTransferError(
-                room, f"connection to the prefill bootstrap at {base} was lost: {exc}"
+                room,
+                f"connection to the prefill bootstrap at {base} was lost before it answered "
+                f"(the prefill died or restarted): {type(exc).__name__}",
             ) from None
         except aiohttp.ClientError as exc:
             raise KvTransferError(room, f"request to the prefill bootstrap at {base} failed: {exc}") from None

@@ -19,12 +19,15 @@ from disaggctl.runtime.protocol import InvalidRequest, Job
 from disaggctl.runtime.roles import Role, TokenEvent
 from disaggctl.transfer.bootstrap import (
     DecodeBootstrapClient,
+    DecodeDirectory,
     DecodeRegistration,
     KvTransferError,
     PrefillBootstrap,
     bootstrap_url,
+    layout_announcement,
 )
 from disaggctl.transfer.kv_layout import KvLayout, kv_write_batches
+from disaggctl.trust import DeploymentKey
 
 log = logging.getLogger("disaggctl.runtime.disagg")
 
@@ -35,16 +38,22 @@ PAIRING_TIMEOUT_S = 60.0
 class TransferRole(Role):
     """What prefill and decode share: a Mooncake agent with the engine's KV pool registered."""
 
-    def __init__(self, engine, eos_token_ids: list[int], args):
+    def __init__(self, engine, eos_token_ids: list[int], args, key: DeploymentKey):
         super().__init__(engine)
         self.eos_token_ids = eos_token_ids
         self.args = args
+        self.key = key
         self.agent = None
         self.layout: KvLayout | None = None
 
     @classmethod
-    def create(cls, engine, tokenizer, args):
-        return cls(engine, tokenizer.eos_token_ids, args)
+    def create(cls, engine, tokenizer, args, key: DeploymentKey | None = None):
+        if key is None:
+            raise ValueError(
+                f"a {cls.name} server needs the deployment secret (DISAGGCTL_SECRET_FILE or DISAGGCTL_SECRET "
+                "in its environment); `disaggctl up` provides it"
+            )
+        return cls(engine, tokenizer.eos_token_ids, args, key)
 
     def advertised_host(self) -> str:
         host = getattr(self.args, "advertise_host", None) or self.args.host
@@ -99,19 +108,26 @@ class TransferRole(Role):
 class PrefillRole(TransferRole):
     name = "prefill"
 
-    def __init__(self, engine, eos_token_ids, args):
-        super().__init__(engine, eos_token_ids, args)
+    def __init__(self, engine, eos_token_ids, args, key):
+        super().__init__(engine, eos_token_ids, args, key)
         self.bootstrap: PrefillBootstrap | None = None
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await super().start()
+        cache = self.engine.kv_cache
+        # The largest honest registration: one page id per page of a full-length prompt.
+        max_pages = -(-self.engine.config.max_model_len // cache.page_size)
         self.bootstrap = PrefillBootstrap(
             host=self.args.host,
             port=self.args.bootstrap_port,
             layout=self.layout,
             bootstrap_timeout_s=PAIRING_TIMEOUT_S,
             transfer_timeout_s=self.args.transfer_timeout + PAIRING_TIMEOUT_S,
+            key=self.key,
+            directory=DecodeDirectory(decode_peers(self.args.decode_peer), self.key),
+            max_open_rooms=self.args.max_open_rooms or max(64, 4 * self.engine.config.max_batch),
+            max_body_bytes=16 * 1024 + 24 * max_pages,
         )
         try:
             await self.bootstrap.start()
@@ -120,6 +136,16 @@ class PrefillRole(TransferRole):
             raise OSError(
                 e.errno, f"cannot listen on bootstrap port {self.args.host}:{self.args.bootstrap_port}: {e}"
             ) from e
+
+    def stats(self) -> dict:
+        if self.bootstrap is None:
+            return {}
+        refused = {f"kv_refused_{k}": v for k, v in self.bootstrap.refused.items()}
+        return {
+            "kv_open_rooms": self.bootstrap.open_rooms,
+            "kv_writes_in_flight": self.bootstrap.writes_in_flight,
+            **refused,
+        }
 
     async def close(self) -> None:
         if self.bootstrap is not None:
@@ -149,6 +175,7 @@ class PrefillRole(TransferRole):
                 yield TokenEvent(finished=True, error=e.reason)
                 return
             write = asyncio.ensure_future(self._send(registration, prefilled, len(job.prompt_ids)))
+            self.bootstrap.track_write(room, write)
             self._tasks.add(write)
             write.add_done_callback(self._tasks.discard)
             # The write reads our pages: they are released only once it has ended, even if we are cancelled.
@@ -204,18 +231,43 @@ class PrefillRole(TransferRole):
 class DecodeRole(TransferRole):
     name = "decode"
 
-    def __init__(self, engine, eos_token_ids, args):
-        super().__init__(engine, eos_token_ids, args)
-        self.client = DecodeBootstrapClient()
+    def __init__(self, engine, eos_token_ids, args, key):
+        super().__init__(engine, eos_token_ids, args, key)
+        self.client = DecodeBootstrapClient(key)
+        # Only the prefills of the plan: a request naming any other bootstrap is refused before we call it.
+        self.prefills = prefill_bootstraps(args.prefill_bootstrap)
+        self._cancels: set[asyncio.Task] = set()
 
     async def close(self) -> None:
+        for task in list(self._cancels):  # a stopping server cannot wait; their pages stay quarantined
+            task.cancel()
         await self.client.close()
         await super().close()
+
+    def announcement(self) -> tuple[bytes, dict]:
+        """What `GET /internal/kv_layout` answers: our Mooncake session and pool layout, signed."""
+        return layout_announcement(self.key, self.agent.session_id, self.layout)
+
+    def check(self, job: Job) -> None:
+        super().check(job)
+        target = (normal_host(job.bootstrap_host), job.bootstrap_port)
+        if target not in self.prefills:
+            raise InvalidRequest(
+                f"bootstrap {job.bootstrap_host}:{job.bootstrap_port} is not a prefill of this deployment",
+                403,
+                "forbidden",
+            )
+
+    def stats(self) -> dict:
+        return {"kv_cancels_in_flight": len(self._cancels)}
 
     async def generate(self, job: Job) -> AsyncIterator[TokenEvent]:
         self.check(job)
         stream = self.submit(job, "remote_kv", self.eos_token_ids)
         finished = False
+        url = bootstrap_url(job.bootstrap_host, job.bootstrap_port)
+        registered = False  # from here on, the prefill may be writing into our pages
+        settled = False  # the KV arrived, or we know no write into the pages is under way
         try:
             ev = await stream.next_raw()
             if ev.kind != "kv_pages":
@@ -230,20 +282,68 @@ class DecodeRole(TransferRole):
                 page_ids=list(ev.page_ids[:n]),
                 prompt_len=len(job.prompt_ids),
             )
-            url = bootstrap_url(job.bootstrap_host, job.bootstrap_port)
+            registered = True
             try:
                 result = await self.client.register_and_wait(
                     url, job.bootstrap_room, registration, PAIRING_TIMEOUT_S + self.args.transfer_timeout
                 )
             except KvTransferError as e:
-                # The engine quarantines the pages: a late write from the prefill may still land in them.
-                self.engine.kv_failed(job.rid, e.reason)
+                # Before the pages are reused, the prefill must prove nothing of its still writes there;
+                # when it cannot, the engine quarantines them.
+                safe = await self.client.cancel(url, job.bootstrap_room)
+                settled = True
+                self.engine.kv_failed(job.rid, e.reason, late_writes=not safe)
             else:
+                settled = True
                 self.engine.kv_arrived(job.rid, result.first_token, result.logprob or 0.0)
             while not finished:
                 ev = await stream.next()
                 finished = ev.finished
                 yield ev
         finally:
-            if not finished:  # client gone or server stopping; pages waiting for KV are quarantined
-                self.abort(job.rid)
+            if not finished:  # client gone or server stopping
+                if registered and not settled:
+                    self._settle_later(job.rid, url, job.bootstrap_room)
+                else:
+                    self.engine.abort(job.rid, late_writes=False)
+
+    def _settle_later(self, rid: str, url: str, room: int) -> None:
+        """Abort a request whose KV may be on its way: ask the prefill to end the room first (off the
+        cancelled handler), and free the pages at once only if it proves no write is under way."""
+
+        async def settle() -> None:
+            safe = False
+            try:
+                safe = await self.client.cancel(url, room)
+            finally:
+                self.engine.abort(rid, late_writes=not safe)
+
+        task = asyncio.ensure_future(settle())
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+
+def normal_host(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def prefill_bootstraps(values: list[str] | None) -> set[tuple[str, int]]:
+    """`--prefill-bootstrap HOST:PORT` values (IPv6 as [addr]:port) -> {(host, port)}. ValueError if malformed."""
+    out = set()
+    for value in values or []:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--prefill-bootstrap wants HOST:PORT, got {value!r}")
+        out.add((normal_host(host), int(port)))
+    return out
+
+
+def decode_peers(values: list[str] | None) -> dict[str, str]:
+    """`--decode-peer NAME=URL` values -> {name: url}. ValueError if malformed."""
+    out = {}
+    for value in values or []:
+        name, sep, url = value.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--decode-peer wants NAME=http://HOST:PORT, got {value!r}")
+        out[name] = url
+    return out

@@ -124,8 +124,10 @@ class Engine:
     def add_request(self, req: Request) -> None:
         self._command(("add", req))
 
-    def abort(self, rid: str) -> None:
-        self._command(("abort", rid))
+    def abort(self, rid: str, late_writes: bool | None = None) -> None:
+        """The request leaves the batch. `late_writes`: may a peer still write into its pages (they are then
+        quarantined)? None: assume so while it waits for remote KV."""
+        self._command(("abort", rid, late_writes))
 
     def release(self, rid: str) -> None:
         """prefill_only: the pages were read; free them."""
@@ -134,8 +136,10 @@ class Engine:
     def kv_arrived(self, rid: str, first_token: int, logprob: float = 0.0) -> None:
         self._command(("kv_arrived", rid, int(first_token), float(logprob)))
 
-    def kv_failed(self, rid: str, reason: str) -> None:
-        self._command(("kv_failed", rid, str(reason)))
+    def kv_failed(self, rid: str, reason: str, late_writes: bool = True) -> None:
+        """The remote KV will not come. `late_writes=False` once the peer proved no write is under way:
+        the pages are then free at once instead of quarantined."""
+        self._command(("kv_failed", rid, str(reason), bool(late_writes)))
 
     def stats(self) -> dict:
         sch, alloc = self.scheduler, self.kv_cache.allocator
@@ -360,12 +364,12 @@ class Engine:
             return f"the prompt needs {need} KV pages but the pool has {self.kv_cache.num_pages}"
         return None
 
-    def _cmd_abort(self, rid: str) -> None:
+    def _cmd_abort(self, rid: str, late_writes: bool | None = None) -> None:
         seq = self.seqs.get(rid)
         if seq is None:
             return
         # pages a peer may still be writing into are quarantined, not reused at once
-        late_writes = seq.status == Status.WAITING_KV
+        late_writes = seq.status == Status.WAITING_KV and late_writes is not False
         self._drop(seq, self.config.quarantine_s if late_writes else None)
         self._emit(seq, RequestEvent(rid, "tokens", finished=True, finish_reason="abort"))
 
@@ -386,10 +390,11 @@ class Engine:
         self.counters["prompt_tokens"] += seq.prompt_len
         self._append(seq, first_token, logprob)
 
-    def _cmd_kv_failed(self, rid: str, reason: str) -> None:
+    def _cmd_kv_failed(self, rid: str, reason: str, late_writes: bool = True) -> None:
         seq = self.seqs.get(rid)
         if seq is not None:
-            self._fail(seq, f"KV transfer failed: {reason}", quarantine=seq.status == Status.WAITING_KV)
+            quarantine = late_writes and seq.status == Status.WAITING_KV
+            self._fail(seq, f"KV transfer failed: {reason}", quarantine=quarantine)
 
     # ---- helpers ----
 

@@ -34,9 +34,14 @@ class Role:
         self.engine = engine
 
     @classmethod
-    def create(cls, engine, tokenizer, args) -> Role:
-        """Build the role from the started engine, the model's tokenizer and the parsed command line."""
+    def create(cls, engine, tokenizer, args, key=None) -> Role:
+        """Build the role from the started engine, the model's tokenizer, the parsed command line and the
+        deployment key (a `trust.DeploymentKey`, or None when the server was started without one)."""
         return cls(engine)
+
+    def stats(self) -> dict:
+        """Role-specific gauges and counters for /metrics (name -> number)."""
+        return {}
 
     async def generate(self, job: Job) -> AsyncIterator[TokenEvent]:
         raise TypeError(f"role {self.name!r} does not generate")
@@ -160,7 +165,7 @@ class ColocatedRole(Role):
         self.eos_token_ids = eos_token_ids
 
     @classmethod
-    def create(cls, engine, tokenizer, args) -> ColocatedRole:
+    def create(cls, engine, tokenizer, args, key=None) -> ColocatedRole:
         return cls(engine, tokenizer.eos_token_ids)
 
     async def generate(self, job: Job) -> AsyncIterator[TokenEvent]:

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from disaggctl import __version__
 from disaggctl.runtime.protocol import (
+    BOOTSTRAP_KEYS,
     InvalidRequest,
     Job,
     check_prompt,
@@ -31,6 +32,7 @@ from disaggctl.runtime.protocol import (
     parse_generate,
     parse_json,
 )
+from disaggctl.trust import HEADER, AuthError, DeploymentKey
 
 log = logging.getLogger("disaggctl.runtime.server")
 
@@ -64,6 +66,25 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         ap.add_argument(
             "--bootstrap-port", type=int, required=True, help="the hand-off endpoint decode talks to"
         )
+    if role == "prefill":
+        ap.add_argument(
+            "--decode-peer",
+            action="append",
+            default=[],
+            metavar="NAME=URL",
+            help="a decode of this deployment (repeat): the only KV pools this prefill writes into",
+        )
+        ap.add_argument(
+            "--max-open-rooms", type=int, default=None, help="registrations held at once (default 4x batch)"
+        )
+    if role == "decode":
+        ap.add_argument(
+            "--prefill-bootstrap",
+            action="append",
+            default=[],
+            metavar="HOST:PORT",
+            help="a prefill bootstrap of this deployment (repeat): the only ones this decode contacts",
+        )
     if role in ("prefill", "decode"):
         ap.add_argument("--advertise-host", default=None, help="address peers use to reach this process")
         ap.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma", "nvlink"])
@@ -83,6 +104,15 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if getattr(args, "transfer_timeout", 1.0) <= 0:
         ap.error("--transfer-timeout must be > 0")
+    if getattr(args, "max_open_rooms", None) is not None and args.max_open_rooms < 1:
+        ap.error("--max-open-rooms must be >= 1")
+    from disaggctl.runtime.disagg import decode_peers, prefill_bootstraps
+
+    try:
+        decode_peers(getattr(args, "decode_peer", None))
+        prefill_bootstraps(getattr(args, "prefill_bootstrap", None))
+    except ValueError as e:
+        ap.error(str(e))
 
 
 @dataclass
@@ -99,6 +129,7 @@ class ServerState:
     role_name: str
     args: argparse.Namespace
     model_name: str
+    key: DeploymentKey | None = None  # proves internal calls (docs/security.md)
     role: object | None = None  # a roles.Role once the model is loaded
     tokenizer: object | None = None
     max_model_len: int = 0
@@ -130,7 +161,37 @@ def create_app(state: ServerState) -> web.Application:
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/internal/kv_layout", kv_layout)
     return app
+
+
+def check_proof(st: ServerState, request: web.Request, raw: bytes) -> None:
+    """InvalidRequest(401) unless the request proves it comes from this deployment."""
+    if st.key is None:
+        raise InvalidRequest(
+            "this server was started without a deployment secret, so it takes no internal calls",
+            401,
+            "unauthorized",
+        )
+    try:
+        st.key.verify(request.method, request.raw_path, raw, request.headers.get(HEADER))
+    except AuthError as e:
+        raise InvalidRequest(f"internal call refused: {e}", 401, "unauthorized") from e
+
+
+async def kv_layout(request: web.Request) -> web.Response:
+    """A decode's Mooncake session and KV pool layout, for the prefills of its deployment (signed)."""
+    st: ServerState = request.app[STATE]
+    try:
+        check_proof(st, request, b"")
+    except InvalidRequest as e:
+        return web.json_response(e.body(), status=e.status)
+    announce = getattr(st.role, "announcement", None) if st.ready() else None
+    if announce is None:
+        message = "not ready" if not st.ready() else f"a {st.role_name} server has no KV pool to announce"
+        return json_error(message, 503 if not st.ready() else 404, "not_available")
+    body, headers = announce()
+    return web.Response(body=body, headers=headers)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -191,6 +252,15 @@ async def metrics(request: web.Request) -> web.Response:
     metric("num_requests_waiting", "gauge", "Requests waiting to be scheduled.", stats.get("waiting", 0))
     metric("kv_pages_used", "gauge", "KV cache pages in use.", stats.get("pages_used", 0))
     metric("kv_pages_free", "gauge", "KV cache pages free.", stats.get("pages_free", 0))
+    metric(
+        "kv_pages_quarantined",
+        "gauge",
+        "KV pages held back after a failed hand-off (a late write may still land in them).",
+        stats.get("pages_quarantined", 0),
+    )
+    for name, value in role_stats(st).items():
+        kind = "gauge" if name.endswith(("_in_flight", "_rooms")) else "counter"
+        metric(name if kind == "gauge" else name + "_total", kind, f"{st.role_name} role: {name}.", value)
     metric("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", c.prompt_tokens)
     metric("generation_tokens_total", "counter", "Tokens generated.", c.generation_tokens)
     metric("request_success_total", "counter", "Requests that finished normally.", c.success)
@@ -198,6 +268,14 @@ async def metrics(request: web.Request) -> web.Response:
     metric("request_aborted_total", "counter", "Requests aborted (client gone, server stopping).", c.aborted)
     metric("in_flight_requests", "gauge", "Requests the HTTP server is serving.", len(st.in_flight))
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def role_stats(st: ServerState) -> dict:
+    try:
+        return dict(st.role.stats()) if st.role is not None else {}
+    except Exception:  # stats must never break /metrics
+        log.exception("role stats failed")
+        return {}
 
 
 def engine_stats(st: ServerState) -> dict:
@@ -224,7 +302,11 @@ async def _read_job(request: web.Request, parse) -> Job:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
         raise InvalidRequest(f"request body too large (limit {MAX_BODY_BYTES} bytes)", 413) from e
-    job = parse(parse_json(raw))
+    body = parse_json(raw)
+    if BOOTSTRAP_KEYS & body.keys():
+        # Only the deployment's proxy may point a worker at a bootstrap (and thereby at KV memory).
+        check_proof(st, request, raw)
+    job = parse(body)
     if job.model is not None and job.api != "generate" and job.model != st.model_name:
         raise InvalidRequest(
             f"model {job.model!r} is not served here; this server serves {st.model_name!r}",
@@ -509,7 +591,11 @@ def load(st: ServerState, model_dir: str):
     tok = Tokenizer(model_dir)
     engine = make_engine(st.args, model_dir)
     engine.start()
-    role = ROLES[st.role_name].create(engine, tok, st.args)
+    try:
+        role = ROLES[st.role_name].create(engine, tok, st.args, key=st.key)
+    except BaseException:
+        engine.stop()
+        raise
     st.tokenizer = tok
     st.max_model_len = engine_max_model_len(engine, st.args)
     st.vocab_size = engine_vocab_size(engine, tok)
@@ -530,9 +616,11 @@ def engine_vocab_size(engine, tok) -> int:
 class Server:
     """One runtime server: bind, load in the background, serve, drain on stop."""
 
-    def __init__(self, role_name: str, args: argparse.Namespace, model_dir: str):
+    def __init__(
+        self, role_name: str, args: argparse.Namespace, model_dir: str, key: DeploymentKey | None = None
+    ):
         name = args.served_model_name or args.model
-        self.state = ServerState(role_name=role_name, args=args, model_name=name)
+        self.state = ServerState(role_name=role_name, args=args, model_name=name, key=key)
         self.model_dir = model_dir
         self.runner: web.AppRunner | None = None
         self.loaded = asyncio.Event()
@@ -604,7 +692,19 @@ async def serve(
             ValueError,
         ):  # not the main thread (tests) or no signals here
             pass
-    server = Server(role_name, args, model_dir)
+    try:
+        key = DeploymentKey.from_env()
+    except AuthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if key is None and role_name in ("prefill", "decode"):
+        print(
+            f"error: a {role_name} server needs the deployment secret: set DISAGGCTL_SECRET_FILE (a 0600 file "
+            "with the hex secret) or DISAGGCTL_SECRET; `disaggctl up` does this",
+            file=sys.stderr,
+        )
+        return 2
+    server = Server(role_name, args, model_dir, key)
     try:
         await server.start()
     except OSError as e:

@@ -3,9 +3,16 @@
 Prefill side: `PrefillBootstrap` serves `POST /v1/kv/{room}` on the bootstrap port. The decode's request
 stays open until the prefill calls `complete` or `fail`; pairing with the proxy's request for the same
 room (`expect`) works in either order. A decode that disconnects fails its room, so the prefill can free
-its pages (`DecodeRegistration.gone`, or the `on_room_failed` callback).
+its pages (`DecodeRegistration.gone`, or the `on_room_failed` callback). `POST /v1/kv/{room}/cancel` ends
+a room from the decode's side and answers only once no write into its pages can still be under way, so the
+decode may reuse them at once.
 Decode side: `DecodeBootstrapClient.register_and_wait` sends the registration and waits for the answer,
 failing fast when the prefill dies or stops answering.
+
+Trust (docs/security.md): every call here carries a proof of the deployment secret (`disaggctl.trust`),
+and every answer the decode acts on carries one back. A registration names only a Mooncake session; where
+the KV goes (base address, pool size) is what that decode announced itself when the prefill asked it at the
+address the plan gave (`DecodeDirectory`), never what the registration claims.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +32,17 @@ import aiohttp
 from aiohttp import web
 
 from disaggctl.transfer.kv_layout import KvLayout
+from disaggctl.trust import HEADER, AuthError, DeploymentKey
 
 log = logging.getLogger(__name__)
 
 ROOM_MAX = 2**63 - 1
 _MAX_SESSION_ID = 300
 _FINISHED_KEEP = 100_000
+LAYOUT_PATH = "/internal/kv_layout"  # served by each decode: its Mooncake session and pool layout
+DEFAULT_MAX_OPEN_ROOMS = 256
+# A registration is a few hundred bytes plus its page ids; this fits 65k pages (1M tokens at 16 a page).
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 
 class KvTransferError(RuntimeError):
@@ -68,15 +80,25 @@ def _int(value: Any, name: str) -> int:
     return value
 
 
+def _session_id(value: Any) -> str:
+    if not isinstance(value, str) or ":" not in value or len(value) > _MAX_SESSION_ID:
+        raise ValueError(f"session_id must be a 'host:port' string, got {str(value)[:80]!r}")
+    return value
+
+
 @dataclass
 class DecodeRegistration:
-    """What a decode sends for one room: where to write the prompt's KV."""
+    """What a decode sends for one room: which of its pages receive the prompt's KV.
+
+    `layout` is what the decode says about its pool; the prefill writes by the layout the decode announced
+    through `DecodeDirectory` and refuses a registration whose claim differs from it."""
 
     room: int
     session_id: str
     layout: KvLayout
     page_ids: list[int]
     prompt_len: int
+    decode: str | None = None  # the plan's name of the decode, once the prefill has resolved the session
     # Set when the decode side is gone or the room failed: the prefill should stop and free its pages.
     gone: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
     gone_reason: str | None = field(default=None, compare=False)
@@ -94,9 +116,7 @@ class DecodeRegistration:
         """Parse and check a registration body; ValueError with the reason when it is malformed."""
         if not isinstance(data, dict):
             raise ValueError("registration must be a JSON object")
-        session_id = data.get("session_id")
-        if not isinstance(session_id, str) or ":" not in session_id or len(session_id) > _MAX_SESSION_ID:
-            raise ValueError(f"session_id must be a 'host:port' string, got {session_id!r}")
+        session_id = _session_id(data.get("session_id"))
         layout = KvLayout.from_dict(data.get("layout"))
         page_ids = data.get("page_ids")
         if not isinstance(page_ids, list):
@@ -131,6 +151,91 @@ def _error_body(message: str, kind: str, code: int) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
+def _read_limited(body_limit: int):
+    async def read(request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > body_limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=body_limit, actual_size=request.content_length)
+        return await request.read()
+
+    return read
+
+
+# -- where decodes of this deployment keep their KV -------------------------------------------------------
+
+
+class DecodeDirectory:
+    """The decodes the plan started, by Mooncake session: the only places a prefill writes KV into.
+
+    `peers` maps each decode's plan name to its HTTP URL (from the plan, never from a request). A session not
+    seen yet makes the directory ask every peer for its announcement (`GET /internal/kv_layout`, signed both
+    ways); a decode that restarted announces a new session, so stale entries are simply never matched again.
+    """
+
+    def __init__(self, peers: Mapping[str, str], key: DeploymentKey, fetch_timeout_s: float = 5.0):
+        self.peers = dict(peers)
+        self.key = key
+        self.fetch_timeout_s = fetch_timeout_s
+        self._known: dict[str, tuple[str, KvLayout]] = {}
+        self._refresh: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def announce(self, name: str, session_id: str, layout: KvLayout) -> None:
+        """Record what decode `name` said about itself (what a fetch does; also for in-process use)."""
+        self._known = {s: v for s, v in self._known.items() if v[0] != name}
+        self._known[session_id] = (name, layout)
+
+    async def resolve(self, session_id: str) -> tuple[str, KvLayout]:
+        """(decode name, its announced layout) for a session this deployment started. KeyError otherwise."""
+        if session_id not in self._known:
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.ensure_future(self._fetch_all())
+            await asyncio.shield(self._refresh)
+        if session_id not in self._known:
+            raise KeyError(session_id)
+        return self._known[session_id]
+
+    async def close(self) -> None:
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh.cancel()
+            with contextlib.suppress(BaseException):
+                await self._refresh
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _fetch_all(self) -> None:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        results = await asyncio.gather(
+            *(self._fetch(name, url) for name, url in self.peers.items()), return_exceptions=True
+        )
+        for (name, url), result in zip(self.peers.items(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("decode %s at %s did not announce its KV pool: %s", name, url, result)
+            else:
+                self.announce(name, *result)
+
+    async def _fetch(self, name: str, url: str) -> tuple[str, KvLayout]:
+        limits = aiohttp.ClientTimeout(total=self.fetch_timeout_s)
+        headers = self.key.headers("GET", LAYOUT_PATH)
+        async with self._session.get(url.rstrip("/") + LAYOUT_PATH, headers=headers, timeout=limits) as r:
+            body = await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"answered {r.status}: {body[:200]!r}")
+            self.key.verify_answer(LAYOUT_PATH, r.status, body, r.headers.get(HEADER))
+        data = json.loads(body)
+        return _session_id(data.get("session_id")), KvLayout.from_dict(data.get("layout"))
+
+
+def layout_announcement(key: DeploymentKey, session_id: str, layout: KvLayout) -> tuple[bytes, dict]:
+    """The body and headers a decode answers `GET /internal/kv_layout` with (signed)."""
+    body = json.dumps({"session_id": session_id, "layout": layout.to_dict()}).encode()
+    return body, {HEADER: key.sign_answer(LAYOUT_PATH, 200, body), "Content-Type": "application/json"}
+
+
+# -- prefill side -------------------------------------------------------------------------------------------
+
+
 class _Room:
     def __init__(self, room: int, loop: asyncio.AbstractEventLoop):
         self.room = room
@@ -144,10 +249,11 @@ class _Room:
 class PrefillBootstrap:
     """The bootstrap endpoint of one prefill process.
 
-    `layout`, when given, is the prefill's own KV layout: registrations that cannot receive its pages
-    are refused with 400. `bootstrap_timeout_s` bounds pairing (either side waiting for the other);
-    `transfer_timeout_s` bounds the time from pairing to `complete`/`fail`.
-    Room-table methods (`expect`, `complete`, `fail`) must be called on the server's event loop.
+    `key` proves calls and answers; `directory` says which decode sessions exist and where their pools are.
+    `layout`, when given, is the prefill's own KV layout: decodes that cannot receive its pages are refused
+    with 400. `bootstrap_timeout_s` bounds pairing (either side waiting for the other); `transfer_timeout_s`
+    bounds the time from pairing to `complete`/`fail`. At most `max_open_rooms` registrations are held open.
+    Room-table methods (`expect`, `complete`, `fail`, `track_write`) must be called on the server's event loop.
     """
 
     def __init__(
@@ -159,6 +265,11 @@ class PrefillBootstrap:
         transfer_timeout_s: float = 60.0,
         replay_window_s: float = 600.0,
         on_room_failed: Callable[[int, str], None] | None = None,
+        *,
+        key: DeploymentKey,
+        directory: DecodeDirectory,
+        max_open_rooms: int = DEFAULT_MAX_OPEN_ROOMS,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ):
         self.host = host
         self.port = port
@@ -167,17 +278,25 @@ class PrefillBootstrap:
         self.transfer_timeout_s = transfer_timeout_s
         self.replay_window_s = replay_window_s
         self.on_room_failed = on_room_failed
+        self.key = key
+        self.directory = directory
+        self.max_open_rooms = max_open_rooms
+        self.max_body_bytes = max_body_bytes
+        self.refused: dict[str, int] = {"unauthenticated": 0, "unknown_session": 0, "too_many_rooms": 0}
         self._rooms: dict[int, _Room] = {}
+        self._writes: dict[int, asyncio.Future] = {}
         self._finished: OrderedDict[int, tuple[float, str]] = OrderedDict()
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._read_body = _read_limited(max_body_bytes)
 
     # --- server ---------------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_get("/health", self._health)
         app.router.add_post("/v1/kv/{room}", self._register)
+        app.router.add_post("/v1/kv/{room}/cancel", self._cancel)
         return app
 
     async def start(self) -> None:
@@ -197,6 +316,7 @@ class PrefillBootstrap:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.directory.close()
 
     @property
     def url(self) -> str:
@@ -205,6 +325,10 @@ class PrefillBootstrap:
     @property
     def open_rooms(self) -> int:
         return len(self._rooms)
+
+    @property
+    def writes_in_flight(self) -> int:
+        return len(self._writes)
 
     # --- room table (prefill side) ----------------------------------------------------------------------
 
@@ -238,6 +362,14 @@ class PrefillBootstrap:
             entry.paired.set_result(None)
         return registration
 
+    def track_write(self, room: int, write: asyncio.Future) -> None:
+        """`write` puts KV into the decode's pages of `room`: a cancel of the room waits for it to end."""
+        self._check_loop()
+        self._writes[room] = write
+        write.add_done_callback(
+            lambda _f: self._writes.pop(room, None) if self._writes.get(room) is write else None
+        )
+
     def complete(
         self, room: int, first_token: int, logprob: float | None = None, extra: dict | None = None
     ) -> bool:
@@ -246,7 +378,13 @@ class PrefillBootstrap:
         entry = self._rooms.get(room)
         if entry is None or entry.registration is None or entry.answer.done():
             return False
-        body = {"room": room, "first_token": int(first_token), "logprob": logprob, "extra": extra or {}}
+        body = {
+            "room": room,
+            "first_token": int(first_token),
+            "logprob": logprob,
+            "pages": len(entry.registration.page_ids),
+            "extra": extra or {},
+        }
         entry.answer.set_result((200, body))
         self._rooms.pop(room, None)
         self._remember(room, "completed")
@@ -302,6 +440,28 @@ class PrefillBootstrap:
 
     # --- HTTP handlers ------------------------------------------------------------------------------
 
+    def _answer(self, request: web.Request, body: dict, status: int) -> web.Response:
+        data = json.dumps(body).encode()
+        headers = {HEADER: self.key.sign_answer(request.raw_path, status, data)}
+        return web.Response(body=data, status=status, headers=headers, content_type="application/json")
+
+    def _error(self, request: web.Request, message: str, kind: str, status: int) -> web.Response:
+        return self._answer(request, _error_body(message, kind, status), status)
+
+    async def _authentic(self, request: web.Request) -> bytes | web.Response:
+        """The request's body once its proof checks out; else the 4xx to answer with."""
+        try:
+            raw = await self._read_body(request)
+        except web.HTTPRequestEntityTooLarge:
+            message = f"registration body too large (limit {self.max_body_bytes} bytes)"
+            return self._error(request, message, "invalid_request", 413)
+        try:
+            self.key.verify(request.method, request.raw_path, raw, request.headers.get(HEADER))
+        except AuthError as exc:
+            self.refused["unauthenticated"] += 1
+            return self._error(request, str(exc), "unauthorized", 401)
+        return raw
+
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "open_rooms": len(self._rooms)})
 
@@ -309,26 +469,46 @@ class PrefillBootstrap:
         try:
             room = parse_room(request.match_info["room"])
         except ValueError as exc:
-            return web.json_response(_error_body(str(exc), "invalid_request", 400), status=400)
+            return self._error(request, str(exc), "invalid_request", 400)
+        raw = await self._authentic(request)
+        if isinstance(raw, web.Response):
+            return raw
         self._forget_old()
         if room in self._finished:
             message = f"room {room} already finished ({self._finished[room][1]})"
-            return web.json_response(_error_body(message, "room_conflict", 409), status=409)
+            return self._error(request, message, "room_conflict", 409)
         entry = self._rooms.get(room)
         if entry is not None and entry.registration is not None:
-            message = f"room {room} is already registered"
-            return web.json_response(_error_body(message, "room_conflict", 409), status=409)
+            return self._error(request, f"room {room} is already registered", "room_conflict", 409)
+        if sum(1 for r in self._rooms.values() if r.registration is not None) >= self.max_open_rooms:
+            self.refused["too_many_rooms"] += 1
+            message = f"this prefill holds {self.max_open_rooms} open rooms already; retry later"
+            return self._error(request, message, "too_many_rooms", 503)
         try:
-            registration = DecodeRegistration.from_json(room, await request.json())
-            reason = self.layout.incompatibility(registration.layout) if self.layout else None
-            if reason:
-                raise ValueError(f"decode KV layout is incompatible with this prefill: {reason}")
-        except ValueError as exc:  # includes malformed JSON
-            return web.json_response(_error_body(str(exc), "invalid_request", 400), status=400)
+            registration = DecodeRegistration.from_json(room, json.loads(raw))
+        except (ValueError, RecursionError) as exc:  # includes malformed JSON
+            return self._error(request, f"bad registration: {exc}", "invalid_request", 400)
+        try:
+            name, announced = await self.directory.resolve(registration.session_id)
+        except KeyError:
+            self.refused["unknown_session"] += 1
+            message = f"session {registration.session_id} is not a decode this deployment started"
+            return self._error(request, message, "unknown_session", 403)
+        if registration.layout != announced:
+            message = f"the registration's KV layout is not the one decode {name} announced"
+            return self._error(request, message, "invalid_request", 400)
+        reason = self.layout.incompatibility(announced) if self.layout else None
+        if reason:
+            message = f"decode {name}'s KV layout is incompatible with this prefill: {reason}"
+            return self._error(request, message, "invalid_request", 400)
+        registration.decode = name
         if self._rooms.get(room) is not entry or (entry is not None and entry.registration is not None):
-            # The room changed while the body was read: a concurrent registration won, or it finished.
+            # The room changed while we looked the session up: a concurrent registration won, or it finished.
             message = f"room {room} was registered or finished meanwhile"
-            return web.json_response(_error_body(message, "room_conflict", 409), status=409)
+            return self._error(request, message, "room_conflict", 409)
+        if room in self._finished:
+            message = f"room {room} already finished ({self._finished[room][1]})"
+            return self._error(request, message, "room_conflict", 409)
         if entry is None:
             entry = self._rooms[room] = _Room(room, self._loop)
         entry.registration = registration
@@ -349,7 +529,32 @@ class PrefillBootstrap:
             self._fail(room, "decode disconnected", 499)
             raise
         status, body = entry.answer.result()
-        return web.json_response(body, status=status)
+        return self._answer(request, body, status)
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        """The decode gives up on a room: after this answer nothing of ours writes into its pages."""
+        try:
+            room = parse_room(request.match_info["room"])
+        except ValueError as exc:
+            return self._error(request, str(exc), "invalid_request", 400)
+        raw = await self._authentic(request)
+        if isinstance(raw, web.Response):
+            return raw
+        if not self._fail(room, "the decode cancelled the room", 499) and room not in self._finished:
+            self._remember(room, "cancelled by the decode")  # a late request for it must not pair
+        write = self._writes.get(room)
+        in_flight = False
+        if write is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(write), timeout=self.transfer_timeout_s)
+            except asyncio.TimeoutError:
+                in_flight = True
+            except Exception:
+                pass  # a failed write has ended all the same
+        return self._answer(request, {"room": room, "write_in_flight": in_flight}, 200)
+
+
+# -- decode side ----------------------------------------------------------------------------------------
 
 
 class DecodeBootstrapClient:
@@ -359,10 +564,19 @@ class DecodeBootstrapClient:
     `heartbeat_misses` failures in a row end the wait, so a frozen prefill is noticed before `timeout`.
     """
 
-    def __init__(self, connect_timeout_s: float = 5.0, heartbeat_s: float = 5.0, heartbeat_misses: int = 2):
+    def __init__(
+        self,
+        key: DeploymentKey,
+        connect_timeout_s: float = 5.0,
+        heartbeat_s: float = 5.0,
+        heartbeat_misses: int = 2,
+        cancel_timeout_s: float = 10.0,
+    ):
+        self.key = key
         self.connect_timeout_s = connect_timeout_s
         self.heartbeat_s = heartbeat_s
         self.heartbeat_misses = heartbeat_misses
+        self.cancel_timeout_s = cancel_timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -400,19 +614,49 @@ class DecodeBootstrapClient:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
+    async def cancel(self, bootstrap_url: str, room: int) -> bool:
+        """End `room` at the prefill. True once the prefill has proved no write into our pages is under way
+        (they may be reused at once); False when that cannot be known (unreachable, unproven answer)."""
+        path = f"/v1/kv/{check_room(room)}/cancel"
+        limits = aiohttp.ClientTimeout(total=self.cancel_timeout_s, connect=self.connect_timeout_s)
+        try:
+            async with self._http().post(
+                bootstrap_url.rstrip("/") + path,
+                data=b"",
+                headers=self.key.headers("POST", path),
+                timeout=limits,
+            ) as response:
+                body = await response.read()
+                if response.status != 200:
+                    return False
+                self.key.verify_answer(path, response.status, body, response.headers.get(HEADER))
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError, AuthError) as exc:
+            log.warning("cancel of room %d at %s failed: %s", room, bootstrap_url, exc)
+            return False
+        try:
+            return json.loads(body).get("write_in_flight") is False
+        except (ValueError, AttributeError):
+            return False
+
     async def _post(self, base: str, room: int, registration: DecodeRegistration, timeout: float) -> KvResult:
-        url = f"{base}/v1/kv/{room}"
+        path = f"/v1/kv/{room}"
+        payload = json.dumps(registration.to_json()).encode()
+        headers = {**self.key.headers("POST", path, payload), "Content-Type": "application/json"}
         limits = aiohttp.ClientTimeout(total=timeout, connect=min(self.connect_timeout_s, timeout))
         try:
-            async with self._http().post(url, json=registration.to_json(), timeout=limits) as response:
-                text = await response.text()
+            async with self._http().post(
+                base + path, data=payload, headers=headers, timeout=limits
+            ) as response:
+                body = await response.read()
                 status = response.status
+                proof = response.headers.get(HEADER)
         except asyncio.TimeoutError:
             raise KvTransferError(room, f"no KV from {base} within {timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:
             # Stage 1: nothing listens there (the prefill is not running, or not yet).
             raise KvTransferError(
-                room, f"cannot reach the prefill bootstrap at {base} (is the prefill running?): {exc.os_error}"
+                room,
+                f"cannot reach the prefill bootstrap at {base} (is the prefill running?): {exc.os_error}",
             ) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
             # Stage 2: connected, then the connection ended without an answer. Whether the kernel reports a
@@ -424,7 +668,14 @@ class DecodeBootstrapClient:
             ) from None
         except aiohttp.ClientError as exc:
             raise KvTransferError(room, f"request to the prefill bootstrap at {base} failed: {exc}") from None
-        return _parse_answer(room, status, text)
+        if status == 200:
+            try:
+                self.key.verify_answer(path, status, body, proof)
+            except AuthError as exc:
+                raise KvTransferError(
+                    room, f"the answer from {base} is not from this deployment: {exc}"
+                ) from None
+        return _parse_answer(room, status, body.decode(errors="replace"), len(registration.page_ids))
 
     async def _watch_health(self, base: str, room: int) -> KvResult:
         misses = 0
@@ -441,10 +692,10 @@ class DecodeBootstrapClient:
                 raise KvTransferError(room, f"prefill bootstrap at {base} stopped answering health checks")
 
 
-def _parse_answer(room: int, status: int, text: str) -> KvResult:
+def _parse_answer(room: int, status: int, text: str, pages: int) -> KvResult:
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
     if status != 200:
         message = text[:300]
@@ -456,4 +707,10 @@ def _parse_answer(room: int, status: int, text: str) -> KvResult:
     first_token, logprob, extra = body.get("first_token"), body.get("logprob"), body.get("extra") or {}
     if not isinstance(first_token, int) or not (logprob is None or isinstance(logprob, (int, float))):
         raise KvTransferError(room, f"malformed answer from the prefill bootstrap: {text[:200]!r}")
+    if body.get("room") != room or body.get("pages") != pages:
+        raise KvTransferError(
+            room,
+            f"the prefill's answer is for room {body.get('room')} and {body.get('pages')} pages, "
+            f"not room {room} and {pages} pages",
+        )
     return KvResult(room, first_token, None if logprob is None else float(logprob), extra)

@@ -26,6 +26,7 @@ from disaggctl.runtime.protocol import (
     InvalidRequest,
     Job,
     check_prompt,
+    check_text_size,
     error_body,
     parse_chat,
     parse_completion,
@@ -38,7 +39,17 @@ log = logging.getLogger("disaggctl.runtime.server")
 
 # Seconds a stopping server waits for in-flight requests before aborting them.
 DEFAULT_DRAIN_S = 5.0
-MAX_BODY_BYTES = 32 * 1024 * 1024
+# The hard cap aiohttp enforces; once the model is loaded, `ServerState.max_body_bytes` (what its context
+# can use, as JSON) is the limit that applies.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MIN_BODY_BYTES = 1024 * 1024
+
+
+def body_limit(max_model_len: int, max_token_bytes: int | None) -> int:
+    """The largest body a request that fits the context can need: every token's text, JSON-escaped (a
+    `\\uXXXX` escape is 6 bytes), plus room for chat structure and sampling parameters."""
+    per_token = 6 * (max_token_bytes or 16) + 8
+    return max(MIN_BODY_BYTES, min(MAX_BODY_BYTES, max_model_len * per_token))
 
 
 def build_parser(role: str) -> argparse.ArgumentParser:
@@ -136,6 +147,7 @@ class ServerState:
     vocab_size: int = 0
     page_size: int = 0
     load_error: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
     stopping: bool = False
     counters: Counters = field(default_factory=Counters)
     in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
@@ -298,15 +310,22 @@ async def _read_job(request: web.Request, parse) -> Job:
         raise InvalidRequest(
             "the server is not ready (model loading or stopping); retry later", 503, "service_unavailable"
         )
+    too_large = InvalidRequest(f"request body too large (limit {st.max_body_bytes} bytes)", 413)
+    if request.content_length is not None and request.content_length > st.max_body_bytes:
+        raise too_large
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
-        raise InvalidRequest(f"request body too large (limit {MAX_BODY_BYTES} bytes)", 413) from e
+        raise too_large from e
+    if len(raw) > st.max_body_bytes:
+        raise too_large
     body = parse_json(raw)
     if BOOTSTRAP_KEYS & body.keys():
         # Only the deployment's proxy may point a worker at a bootstrap (and thereby at KV memory).
         check_proof(st, request, raw)
     job = parse(body)
+    # Sizes only, before any tokenizing: a text longer than the context can hold is refused at once.
+    check_text_size(job, st.max_model_len, st.tokenizer.max_token_bytes)
     if job.model is not None and job.api != "generate" and job.model != st.model_name:
         raise InvalidRequest(
             f"model {job.model!r} is not served here; this server serves {st.model_name!r}",
@@ -600,6 +619,7 @@ def load(st: ServerState, model_dir: str):
     st.max_model_len = engine_max_model_len(engine, st.args)
     st.vocab_size = engine_vocab_size(engine, tok)
     st.page_size = st.args.page_size
+    st.max_body_bytes = body_limit(st.max_model_len, tok.max_token_bytes)
     return role
 
 

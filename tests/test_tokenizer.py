@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from disaggctl.runtime.builtin import resolve_model
+from disaggctl.runtime.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from disaggctl.runtime.tokenizer import Tokenizer, TokenizerError
 
 SAMPLES = [
@@ -171,3 +172,204 @@ def test_partial_stop_string_is_held_then_released(tok):
     d.add(tok.encode(" and deep"))
     assert d.text == "the sea is wide and deep"
     assert d.matched is None
+
+
+# ---- stop strings against a brute-force reference ----
+
+
+def _first_stop(text, stops):
+    """(start, string) of the stop string that completes first in `text`, the longest if several do at once."""
+    for end in range(1, len(text) + 1):
+        hits = [s for s in stops if len(s) <= end and text.startswith(s, end - len(s))]
+        if hits:
+            s = max(hits, key=len)
+            return end - len(s), s
+    return None
+
+
+def _held(text, stops):
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def _expected(text, stops):
+    hit = _first_stop(text, stops)
+    if hit is not None:
+        return text[: hit[0]], hit[1]
+    return text[: len(text) - _held(text, stops)], None
+
+
+def _char_by_char_ids(tok, text):
+    """Another tokenization of the same text: every character encoded on its own."""
+    return [i for c in text for i in tok.encode(c, add_special_tokens=False)]
+
+
+def _chunks(rng, ids):
+    out, i = [], 0
+    while i < len(ids):
+        n = rng.choice([1, 1, 2, 3, 7, len(ids)])
+        out.append(ids[i : i + n])
+        i += n
+    return out
+
+
+def _check_stream(tok, ids, stops, chunks):
+    """Feed `chunks` of `ids`; after every call the visible text and the match are what the reference says."""
+    d, plain = tok.detokenizer(stops), tok.detokenizer()
+    shown = ""
+    for chunk in chunks:
+        shown += d.add(chunk)
+        plain.add(chunk)  # the same decoded characters, no stop strings
+        assert (d.text, d.matched) == _expected(plain.text, stops)
+        assert shown == d.text
+    shown += d.finish()
+    plain.finish()
+    want = _expected(plain.text, stops)
+    assert (d.text, d.matched) == (want if want[1] is not None else (plain.text, None))
+    assert shown == d.text
+    return d.text, d.matched
+
+
+PIECES = ["a", "b", "ab", "ba", " ", "\n", "é", "🎉", "aab", "abc", "c"]
+
+
+def test_stop_strings_equal_brute_force_reference_on_random_streams(tok):
+    rng = random.Random(1)
+    for _ in range(400):
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randrange(1, 30)))
+        stops = []
+        for _ in range(rng.randrange(1, 5)):
+            if rng.random() < 0.6:  # a piece of the text, so that matches do happen
+                i = rng.randrange(len(text))
+                stops.append(text[i : i + rng.randrange(1, 7)])
+            else:
+                stops.append("".join(rng.choice(PIECES) for _ in range(rng.randrange(1, 4))))
+        results = set()
+        for ids in (tok.encode(text, add_special_tokens=False), _char_by_char_ids(tok, text)):
+            for chunks in ([[i] for i in ids], [ids], _chunks(rng, ids)):
+                results.add(_check_stream(tok, ids, stops, chunks))
+        # However the text is cut into tokens and the tokens into calls: one answer.
+        assert len(results) == 1, (text, stops, results)
+
+
+@pytest.mark.parametrize(
+    "stops,want",
+    [
+        (["abcd", "bc"], ("xa", "bc")),  # "bc" completes first although "abcd" starts earlier
+        (["cd", "bcd"], ("xa", "bcd")),  # both complete at "d": the longest
+        (["bcd", "cd"], ("xa", "bcd")),
+        (["y", "dy", "zz"], ("xabc", "dy")),
+    ],
+)
+def test_first_completed_stop_string_wins_whatever_the_tokens(tok, stops, want):
+    text = "xabcdyz"
+    for ids in (tok.encode(text), _char_by_char_ids(tok, text)):
+        for step in (1, 2, len(ids)):
+            d, deltas = _stream(tok, ids, stop=stops, step=step)
+            assert (d.text, d.matched) == want
+            assert "".join(deltas) == d.text
+
+
+def test_tail_that_could_become_a_stop_string_is_held(tok):
+    d = tok.detokenizer(stop=["hello world", "lo!"])
+    assert d.add(tok.encode("say hello")) == "say "  # "hello" may become "hello world", "lo" "lo!"
+    assert d.add(tok.encode(" wor")) == ""
+    assert d.add(tok.encode("m")) == "hello worm"  # no stop string can start inside it any more
+    assert d.add(tok.encode(" hello")) == " "
+    assert d.add(tok.encode(" world, bye")) == ""
+    assert (d.text, d.matched) == ("say hello worm ", "hello world")
+
+
+def test_held_tail_is_released_at_the_end(tok):
+    d = tok.detokenizer(stop=["the end."])
+    d.add(tok.encode("this is the end"))
+    assert d.text == "this is "
+    assert d.finish() == "the end" and d.matched is None
+
+
+class _CountingList(list):
+    count = 0
+
+    def __getitem__(self, i):
+        self.count += 1
+        return super().__getitem__(i)
+
+
+@pytest.mark.timeout(120)
+def test_stop_check_is_linear_in_the_text(tok):
+    """The largest stop strings allowed, built to make a window search or prefix hold-back loop quadratic."""
+    body = MAX_STOP_CHARS - 1
+    stops = [("a" * body) + chr(ord("c") + i) for i in range(MAX_STOP_STRINGS // 2)]
+    stops += [("ab" * body)[:body] + chr(ord("m") + i) for i in range(MAX_STOP_STRINGS // 2 - 1)]
+    stops.append("ab" * (MAX_STOP_CHARS // 2))  # the one that finally matches
+    assert len(stops) == MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_CHARS for s in stops)
+    rng = random.Random(2)
+    ids = []
+    while len(ids) < 4000:
+        ids += tok.encode(rng.choice(["a" * rng.randrange(1, 600), "ab" * rng.randrange(1, 200), "b"]))
+    ids += tok.encode("ab" * (MAX_STOP_CHARS // 2) + " and more")
+    full = tok.decode(ids)
+    d = tok.detokenizer(stops)
+    fail = d._matcher._fail = _CountingList(d._matcher._fail)
+    for i in ids:
+        d.add([i])
+        if d.matched is None:
+            assert len(d.text) >= len(d._decoded) - MAX_STOP_CHARS
+    pos, s = _first_stop(full, stops)
+    assert (d.text, d.matched) == (full[:pos], s)
+    # Failure links taken never outnumber the characters read: each moves back up the trie by one at least.
+    assert fail.count <= pos + len(s)
+
+
+# ---- the size of a token ----
+
+
+def test_max_token_bytes_bounds_every_token(tok):
+    sizes = [len(tok.decode([i], skip_special_tokens=False).encode()) for i in range(tok.vocab_size)]
+    assert max(sizes) <= tok.max_token_bytes
+    # Tight for a byte-level vocabulary without a normalizer: the longest token (a special one here) sets it.
+    assert max(sizes) == tok.max_token_bytes == len("<|endoftext|>")
+
+
+def test_no_text_needs_fewer_tokens_than_its_size_implies(tok):
+    rng = random.Random(3)
+    pieces = [*PIECES, "<|im_start|>", "<|endoftext|>", " lighthouse", "你好", "\x00", "\U0010ffff"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 60)))
+        ids = tok.encode(text)
+        assert len(text.encode()) <= len(ids) * tok.max_token_bytes
+
+
+def _variant(tiny_dir, tmp_path, change):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(f"{tiny_dir}/tokenizer.json")
+    change(hf)
+    d = tmp_path / "variant"
+    d.mkdir(exist_ok=True)
+    hf.save(str(d / "tokenizer.json"))
+    return Tokenizer(d).max_token_bytes
+
+
+def test_max_token_bytes_follows_what_the_tokenizer_does_to_text(tiny_dir, tmp_path, tok):
+    from tokenizers import AddedToken, models, normalizers, pre_tokenizers
+
+    def set_normalizer(n):
+        return lambda hf: setattr(hf, "normalizer", n)
+
+    base = tok.max_token_bytes
+    # Unicode normalization can shrink a text up to 4 times (NFKC: a 4-byte mathematical letter to ASCII).
+    assert _variant(tiny_dir, tmp_path, set_normalizer(normalizers.NFKC())) == 4 * base
+    # A replacement by something shorter shrinks by their ratio; by a longer one not at all.
+    assert _variant(tiny_dir, tmp_path, set_normalizer(normalizers.Replace("abc", "x"))) == 3 * base
+    assert _variant(tiny_dir, tmp_path, set_normalizer(normalizers.Replace(" ", "▁"))) == base
+    # Whatever can delete text, or fold any amount of it into one token, leaves no bound.
+    for n in (normalizers.Strip(), normalizers.StripAccents(), normalizers.BertNormalizer()):
+        assert _variant(tiny_dir, tmp_path, set_normalizer(n)) is None
+    assert _variant(tiny_dir, tmp_path, set_normalizer(normalizers.Replace(" ", ""))) is None
+    no_spaces = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel()])
+    assert _variant(tiny_dir, tmp_path, lambda hf: setattr(hf, "pre_tokenizer", no_spaces)) is None
+    absorbing = AddedToken("<tool>", rstrip=True, special=True)
+    assert _variant(tiny_dir, tmp_path, lambda hf: hf.add_special_tokens([absorbing])) is None
+    wordpiece = models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")
+    assert _variant(tiny_dir, tmp_path, lambda hf: setattr(hf, "model", wordpiece)) is None

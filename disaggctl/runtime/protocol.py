@@ -56,7 +56,12 @@ CHAT_KEYS = (
     | {"presence_penalty", "frequency_penalty"}
     | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs"}
 )
+# Stop strings are matched on the event loop as text streams out; these bound the matcher's automaton.
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512
+# Far beyond any valid request (chat content parts are 5 deep); bounds what later code walking the body
+# recursively (json.dumps of a bad value, a proxy re-encoding it) can meet.
+MAX_JSON_DEPTH = 64
 
 
 class InvalidRequest(ValueError):
@@ -110,11 +115,29 @@ class Job:
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except RecursionError as e:
+        raise InvalidRequest(f"request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from e
+    except Exception as e:  # whatever the bytes are, failing to parse them is the client's error, not a 500
         raise InvalidRequest(f"request body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    if _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise InvalidRequest(f"request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
     return body
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Iterative, so that it cannot itself hit the recursion limit."""
+    todo = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if depth > limit:
+            return True
+        if isinstance(v, dict):
+            todo.extend((x, depth + 1) for x in v.values() if isinstance(x, dict | list))
+        elif isinstance(v, list):
+            todo.extend((x, depth + 1) for x in v if isinstance(x, dict | list))
+    return False
 
 
 def _is_int(v: Any) -> bool:
@@ -161,6 +184,11 @@ def _stop(v: Any) -> list[str]:
         raise InvalidRequest(f"'stop' has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed")
     if any(s == "" for s in stops):
         raise InvalidRequest("'stop' strings must not be empty")
+    long = next((i for i, s in enumerate(stops) if len(s) > MAX_STOP_CHARS), None)
+    if long is not None:
+        raise InvalidRequest(
+            f"'stop' string {long} has {len(stops[long])} characters; at most {MAX_STOP_CHARS} are allowed"
+        )
     return stops
 
 
@@ -369,3 +397,50 @@ def check_prompt(ids: list[int], vocab_size: int, max_model_len: int, sampling: 
             f"the prompt ({len(ids)} tokens) plus max new tokens ({sampling.max_new_tokens}) exceeds this model's "
             f"context of {max_model_len} tokens"
         )
+
+
+def check_text_size(job: Job, max_model_len: int, max_token_bytes: int | None) -> None:
+    """Refuse, before any tokenizing, a prompt too large for the context; sizes only, no tokenizer call.
+
+    Call it right after parsing, with the tokenizer's bound:
+    `check_text_size(job, st.max_model_len, st.tokenizer.max_token_bytes)`. No token covers more than
+    `max_token_bytes` bytes of text, so a text of more than `max_model_len * max_token_bytes` UTF-8 bytes
+    needs more than `max_model_len` tokens. That holds exactly for `text` and a completion's `prompt`; for
+    chat it is applied to the messages' contents together, since chat templates place each content in the prompt (it is
+    not a proof for a template that drops content, but the bound is loose enough, hundreds of bytes per
+    token against a few in practice, that only absurd requests meet it). `max_token_bytes` None (a
+    tokenizer that can fold unbounded text into a token) leaves only the token id count checked.
+    `check_prompt` still checks the exact count after tokenizing.
+    """
+    ids_field, text_field = ("prompt", "prompt") if job.api == "completion" else ("input_ids", "text")
+    if job.input_ids is not None and len(job.input_ids) >= max_model_len:
+        raise InvalidRequest(
+            f"'{ids_field}' has {len(job.input_ids)} tokens; this model's context is {max_model_len} tokens "
+            "(the prompt must leave room for at least one new token)"
+        )
+    if max_token_bytes is None:
+        return
+    limit = max_model_len * max_token_bytes
+    if job.text is not None:
+        size, what = _text_size(job.text, limit), f"'{text_field}'"
+    elif job.messages is not None:
+        size, what = 0, "'messages' (contents together)"
+        for m in job.messages:
+            size += _text_size(m["content"], limit - size)
+            if size > limit:
+                break
+    else:
+        return
+    if size > limit:
+        raise InvalidRequest(
+            f"{what} is longer than {limit} bytes of UTF-8, the most that this model's context of "
+            f"{max_model_len} tokens can hold (no token covers more than {max_token_bytes} bytes)"
+        )
+
+
+def _text_size(s: str, limit: int) -> int:
+    """The UTF-8 size of `s`, or its length in characters where that alone is over `limit`."""
+    if len(s) > limit or s.isascii():  # at least a byte per character: no need to encode a huge text
+        return len(s)
+    # surrogatepass: JSON lets a client send lone surrogates ("\\ud800"), which plain encode() refuses.
+    return len(s.encode("utf-8", "surrogatepass"))

@@ -1,11 +1,15 @@
 """The proxy as users run it (`python -m disaggctl serve proxy ...` in a subprocess) in front of small real
-aiohttp backends in the test process, which record what they receive and answer as told."""
+aiohttp backends in the test process, which record what they receive and answer as told.
+
+The proxy gets a deployment key (DISAGGCTL_SECRET) as `disaggctl up` would give it one: PD mode needs it.
+Bounds, proofs and timeouts are tested in test_proxy_security.py, on the helpers of this module."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,9 +20,13 @@ import pytest
 from aiohttp import web
 from conftest import free_port
 
+from disaggctl.trust import ENV_FILE, ENV_HEX, HEADER, AuthError, DeploymentKey
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 TIMEOUT = aiohttp.ClientTimeout(total=15)
+KEY = DeploymentKey.generate()  # the deployment key of every proxy and verifying backend here
+BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 
 
 class Backend:
@@ -27,13 +35,24 @@ class Backend:
     `on_generate(backend, request, body)` answers the generation routes (default: JSON naming the backend).
     Handlers are cancelled when their client disconnects, as with a runtime server that aborts a request
     whose client went away; `cancelled` records the rooms (or rids) of the requests that ended that way.
+    With `key`, a request with bootstrap fields must prove itself with that key, or gets the 401 a
+    runtime worker gives (`refused` records why).
     """
 
-    def __init__(self, name: str, on_generate: Callable[..., Awaitable[web.StreamResponse]] | None = None):
+    def __init__(
+        self,
+        name: str,
+        on_generate: Callable[..., Awaitable[web.StreamResponse]] | None = None,
+        key: DeploymentKey | None = None,
+    ):
         self.name = name
         self.on_generate = on_generate or answer_json
+        self.key = key
         self.bodies: list[dict] = []
-        self.paths: list[str] = []
+        self.paths: list[str] = []  # path and query, as received
+        self.raws: list[bytes] = []
+        self.proofs: list[str | None] = []  # the HEADER of each request, None when absent
+        self.refused: list[str] = []
         self.cancelled: list[object] = []
         self.cancelled_at: list[float] = []
         self.gate = asyncio.Semaphore(0)
@@ -69,9 +88,20 @@ class Backend:
         return web.json_response({"object": "list", "data": [{"id": f"model-of-{self.name}"}]})
 
     async def _generate(self, request):
-        body = await request.json()
+        raw = await request.read()
+        body = json.loads(raw)
         self.bodies.append(body)
-        self.paths.append(request.path)
+        self.paths.append(request.path_qs)
+        self.raws.append(raw)
+        self.proofs.append(request.headers.get(HEADER))
+        if self.key is not None and any(k in body for k in BOOTSTRAP_FIELDS):
+            try:
+                self.key.verify("POST", request.path_qs, raw, request.headers.get(HEADER))
+            except AuthError as e:
+                self.refused.append(str(e))
+                return web.json_response(
+                    {"error": {"message": str(e), "type": "auth", "code": 401}}, status=401
+                )
         try:
             return await self.on_generate(self, request, body)
         except asyncio.CancelledError:
@@ -93,12 +123,20 @@ async def sse_events(b: Backend, request, events: list[bytes]) -> web.StreamResp
     return resp
 
 
+def proxy_env(key_env: dict[str, str] | None) -> dict[str, str]:
+    """This environment with the deployment key given by `key_env` only (none when None)."""
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_FILE, ENV_HEX)}
+    return {**env, **(key_env or {})}
+
+
 class Proxy:
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, key_env: dict[str, str] | None = None):
+        """`key_env`: how the proxy gets its deployment key (default: KEY as hex; {} for none)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "disaggctl", "serve", "proxy", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        env = proxy_env(KEY.env() if key_env is None else key_env)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
     async def wait_up(self, session: aiohttp.ClientSession) -> None:
         deadline = time.monotonic() + 20
@@ -129,13 +167,15 @@ def run(scenario) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(backends: list[Backend], argv: Callable[[], list[str]]):
+async def running(
+    backends: list[Backend], argv: Callable[[], list[str]], key_env: dict[str, str] | None = None
+):
     """Start the backends, then the proxy with argv() (called once the backend ports are known); yield a
     client session and the proxy; stop everything afterwards and check the proxy logged no traceback."""
     for b in backends:
         if b.runner is None:
             await b.start()
-    proxy = Proxy("--health-interval", "0.2", *argv())
+    proxy = Proxy("--health-interval", "0.2", *argv(), key_env=key_env)
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
             await proxy.wait_up(session)
@@ -489,6 +529,8 @@ def test_malformed_requests_are_400_and_reach_no_worker():
         (["--worker", "http://127.0.0.1:1", "--policy", "fastest"], "invalid choice: 'fastest'"),
         (["--worker", "http://127.0.0.1:1", "--health-interval", "0"], "--health-interval must be > 0"),
         (["--worker", "http://127.0.0.1:1/v1"], "base URL only"),
+        (["--worker", "http://127.0.0.1:1", "--read-timeout", "0"], "--read-timeout must be > 0"),
+        (["--worker", "http://127.0.0.1:1", "--max-body-bytes", "0"], "--max-body-bytes must be >= 1"),
     ],
 )
 def test_bad_command_line_exits_2_with_a_clear_message(argv, message):

@@ -8,6 +8,16 @@ request, answers passed through unchanged.
 
 One aiohttp ClientSession carries all traffic (pooled keep-alive connections); health probes use a small
 session of their own so that they never queue behind a saturated request pool.
+
+Every request the proxy sends to a worker carries the deployment key's proof over exactly the bytes and
+path sent (disaggctl.trust): workers refuse bootstrap fields without one, so only the deployment can make a
+worker take part in a KV hand-off, and PD mode cannot run without the key. Since the proof vouches for the
+whole body, clients never choose bootstrap fields (the proxy sets or removes them) and no client header is
+forwarded.
+
+What a client sends is bounded before it reaches a worker (--max-body-bytes, JSON nesting depth, finite
+numbers), and what a worker holds is bounded too: --request-timeout end to end, --read-timeout of silence
+inside a streamed answer, and a worker that stops answering health probes has its requests ended.
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,19 +45,36 @@ from disaggctl.proxy.workers import (
     NoHealthyWorker,
     Pool,
     Worker,
+    WorkerLost,
     describe,
     health_loop,
     in_flight,
     probe_all,
+    until_lost,
 )
+from disaggctl.trust import ENV_FILE, ENV_HEX, AuthError, DeploymentKey
 
 log = logging.getLogger("disaggctl.proxy")
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
+# Several times what a 128k-token context takes (under 1 MB as token ids, about 0.5 MB as text), while
+# bounding what one client can make the proxy buffer, parse and re-encode.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# Far more than any request shape needs (chat messages with content parts are 4-5 deep), and far below
+# where recursive JSON handling anywhere downstream could overflow.
+MAX_JSON_DEPTH = 64
+# CPython's default limit on int() of a string, applied whatever the interpreter's setting, so that a
+# client gets the same answer everywhere, worded for a client rather than a programmer.
+MAX_INT_DIGITS = 4300
+TOO_DEEP = f"request body is nested too deeply (at most {MAX_JSON_DEPTH} levels of arrays and objects)"
 GENERATE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 # A request to a worker that ends in one of these never got a whole answer: the worker is taken out of
 # rotation until a health probe succeeds.
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+# aiohttp >= 3.10 raises this for sock_read alone; older versions raise its parent class.
+READ_TIMEOUT_ERROR = getattr(aiohttp, "SocketTimeoutError", aiohttp.ServerTimeoutError)
+# Why a request was refused before reaching a worker (the label of disaggctl_proxy_rejected_requests_total).
+REJECT_REASONS = ("too_large", "not_json", "too_deep", "bad_fields")
 
 
 class ClientGone(Exception):
@@ -75,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds a request may take end to end"
     )
+    ap.add_argument(
+        "--read-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="longest silence between bytes of a streamed answer from a worker (default 60); "
+        "non-streamed answers are bounded by --request-timeout and health probes instead",
+    )
+    ap.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="N",
+        help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY_BYTES})",
+    )
     ap.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect to a worker")
     ap.add_argument(
         "--max-connections", type=int, default=1024, help="open connections to workers, all together"
@@ -102,11 +146,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not 0 < args.port < 65536:
         ap.error(f"--port must be in 1..65535, got {args.port}")
-    for name in ("health_interval", "request_timeout", "connect_timeout"):
+    for name in ("health_interval", "request_timeout", "connect_timeout", "read_timeout"):
         if not getattr(args, name) > 0:
             ap.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.max_connections < 1:
         ap.error(f"--max-connections must be >= 1, got {args.max_connections}")
+    if args.max_body_bytes < 1:
+        ap.error(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     pd = bool(args.prefill or args.decode or args.bootstrap_port)
     if pd and args.worker:
         ap.error("give either --prefill/--bootstrap-port/--decode (PD) or --worker (colocated), not both")
@@ -133,15 +179,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def load_key(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> DeploymentKey | None:
+    """The deployment key from the environment. AuthError when PD mode has none, or it cannot be read."""
+    key = DeploymentKey.from_env(environ)
+    if key is None and (args.prefill or args.decode):
+        raise AuthError(
+            "PD mode needs the deployment secret (workers refuse bootstrap requests without its proof) "
+            f"and none was given: `disaggctl up` provides it ({ENV_FILE}); for a deployment started by "
+            f"hand, set {ENV_HEX} to the hex secret its workers were started with"
+        )
+    return key
+
+
 @dataclass
 class Proxy:
     args: argparse.Namespace
     pools: dict[str, Pool]
+    key: DeploymentKey | None = None
     session: aiohttp.ClientSession | None = None
     probe_session: aiohttp.ClientSession | None = None
     # Prefill answers still being read after the client already has its answer.
     background: set[asyncio.Task] = field(default_factory=set)
     requests: Counter = field(default_factory=Counter)  # (path, status) -> count
+    rejected: Counter = field(default_factory=Counter)  # one of REJECT_REASONS -> count
     duration_sum: float = 0.0
     started_at: float = field(default_factory=time.time)
 
@@ -153,17 +213,38 @@ class Proxy:
     def workers(self) -> list[Worker]:
         return [w for pool in self.pools.values() for w in pool.workers]
 
-    def post(self, worker: Worker, path: str, payload: bytes):
+    def post(self, worker: Worker, path: str, payload: bytes, stream: bool = False):
+        """POST `payload` to `worker`; `stream`: the answer is relayed as it comes, so silence is bounded."""
         assert self.session is not None
-        return self.session.post(
-            worker.url + path, data=payload, headers={"Content-Type": "application/json"}
-        )
+        headers = {"Content-Type": "application/json"}
+        if self.key is not None:
+            headers.update(self.key.headers("POST", path, payload))
+        kw = {}
+        if stream:
+            a = self.args
+            kw["timeout"] = aiohttp.ClientTimeout(
+                total=a.request_timeout, connect=a.connect_timeout, sock_read=a.read_timeout
+            )
+        return self.session.post(worker.url + path, data=payload, headers=headers, **kw)
+
+    def upstream_failed(self, w: Worker, e: BaseException) -> str:
+        """Account a request to `w` that got no whole answer (`e`), and say why for the client."""
+        if isinstance(e, WorkerLost):
+            w.lost_requests += 1
+            reason = str(e)
+        elif isinstance(e, READ_TIMEOUT_ERROR):
+            w.read_timeouts += 1
+            reason = f"{w.name} sent nothing for {self.args.read_timeout:g} s (--read-timeout)"
+        else:
+            reason = f"{w.name} failed: {describe(e, self.args.request_timeout)}"
+        w.request_failed(reason, unreachable=True)
+        return reason
 
 
 PROXY = web.AppKey("proxy", Proxy)
 
 
-def make_proxy(args: argparse.Namespace) -> Proxy:
+def make_proxy(args: argparse.Namespace, key: DeploymentKey | None = None) -> Proxy:
     if args.worker:
         pools = {
             "colocated": Pool(
@@ -176,7 +257,7 @@ def make_proxy(args: argparse.Namespace) -> Proxy:
             "prefill": Pool("prefill", prefills, make_policy(args.policy)),
             "decode": Pool("decode", [Worker(u, "decode") for u in args.decode], make_policy(args.policy)),
         }
-    return Proxy(args=args, pools=pools)
+    return Proxy(args=args, pools=pools, key=key)
 
 
 def error_body(message: str, status: int, type_: str = "proxy_error") -> dict:
@@ -194,9 +275,11 @@ def sse_error(message: str, status: int) -> bytes:
 # ---- app ----
 
 
-def create_app(args: argparse.Namespace) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app[PROXY] = make_proxy(args)
+def create_app(args: argparse.Namespace, key: DeploymentKey | None = None) -> web.Application:
+    # One byte over the limit, so that a body of exactly --max-body-bytes is read whole and accepted
+    # whichever way this aiohttp version compares; read_body enforces the limit itself.
+    app = web.Application(client_max_size=args.max_body_bytes + 1)
+    app[PROXY] = make_proxy(args, key)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
     app.router.add_get("/workers", workers)
@@ -279,11 +362,31 @@ async def metrics(request: web.Request) -> web.Response:
         lines.append(f'disaggctl_proxy_requests_total{{path="{path}",status="{status}"}} {n}')
     family("disaggctl_proxy_request_duration_seconds_sum", "counter", "Total time spent answering requests.")
     lines.append(f"disaggctl_proxy_request_duration_seconds_sum {px.duration_sum:.6f}")
+    family(
+        "disaggctl_proxy_rejected_requests_total",
+        "counter",
+        "Requests refused before reaching a worker: body over --max-body-bytes (too_large), not JSON or "
+        "not finite (not_json), nested too deeply (too_deep), not an object or a bad field (bad_fields).",
+    )
+    for reason in REJECT_REASONS:
+        lines.append(f'disaggctl_proxy_rejected_requests_total{{reason="{reason}"}} {px.rejected[reason]}')
     per_worker = (
         ("healthy", "gauge", "1 if the worker is in rotation.", lambda w: int(w.healthy)),
         ("in_flight", "gauge", "Requests sent to the worker and not finished.", lambda w: w.in_flight),
         ("served_total", "counter", "Requests the worker finished successfully.", lambda w: w.served),
         ("failures_total", "counter", "Requests to the worker that failed.", lambda w: w.failures),
+        (
+            "read_timeouts_total",
+            "counter",
+            "Streamed answers from the worker cut after --read-timeout seconds of silence.",
+            lambda w: w.read_timeouts,
+        ),
+        (
+            "lost_requests_total",
+            "counter",
+            "Requests ended because the worker stopped answering health checks.",
+            lambda w: w.lost_requests,
+        ),
     )
     for name, kind, help_, value in per_worker:
         family(f"disaggctl_proxy_worker_{name}", kind, help_)
@@ -324,22 +427,78 @@ async def _from_any_worker(request: web.Request, path: str) -> web.Response:
 
 
 class BadRequest(Exception):
-    pass
+    def __init__(self, message: str, reason: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.reason = reason  # one of REJECT_REASONS
+        self.status = status
 
 
-async def read_body(request: web.Request) -> tuple[bytes, dict]:
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number (numbers must be finite)")
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {digits} digits is out of range (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    # 1e999 parses as inf, which json.dumps would send on as `Infinity`: not JSON to any worker.
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:40]} is out of range (numbers must be finite)")
+    return value
+
+
+def _too_deep(obj: dict | list, limit: int) -> bool:
+    """Whether containers nest deeper than `limit` (the top level counts 1). Iterative: no recursion to
+    exhaust on the very input it guards against."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+async def read_body(request: web.Request, limit: int) -> tuple[bytes, dict]:
+    too_large = BadRequest(
+        f"request body too large: more than {limit} bytes (the proxy's --max-body-bytes)", "too_large", 413
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
-        raise BadRequest(f"request body too large (limit {MAX_BODY_BYTES} bytes)") from e
+        raise too_large from e
+    if len(raw) > limit:
+        raise too_large
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from e
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(
+            f"request body is not valid JSON: it is not UTF-8 ({e.reason} at byte {e.start})", "not_json"
+        ) from e
+    try:
+        body = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int
+        )
+    except RecursionError as e:
+        raise BadRequest(TOO_DEEP, "too_deep") from e
+    except ValueError as e:  # JSONDecodeError, and the hooks' refusals
+        raise BadRequest(f"request body is not valid JSON: {e}", "not_json") from e
     if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise BadRequest("request body must be a JSON object", "bad_fields")
+    # Fewer brackets than the limit cannot nest past it: the walk is skipped for almost every request.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(body, MAX_JSON_DEPTH):
+        raise BadRequest(TOO_DEEP, "too_deep")
     if not isinstance(body.get("stream", False), bool):
-        raise BadRequest("'stream' must be true or false")
+        raise BadRequest("'stream' must be true or false", "bad_fields")
     return raw, body
 
 
@@ -349,14 +508,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
     resp: web.StreamResponse | None = None
     try:
         try:
-            raw, body = await read_body(request)
+            raw, body = await read_body(request, px.args.max_body_bytes)
         except BadRequest as e:
-            resp = json_error(str(e), 400, "invalid_request_error")
+            px.rejected[e.reason] += 1
+            resp = json_error(str(e), e.status, "invalid_request_error")
             return resp
         if px.pd:
             resp = await PDRequest(px, request, body).run()
         else:
-            resp = await forward_colocated(px, request, raw)
+            resp = await forward_colocated(px, request, raw, body)
         return resp
     finally:
         px.requests[(request.path, resp.status if resp is not None else 499)] += 1
@@ -423,8 +583,32 @@ async def _end_with_error(out: web.StreamResponse, reason: str, status: int) -> 
     return out
 
 
-async def forward_colocated(px: Proxy, request: web.Request, raw: bytes) -> web.StreamResponse:
+async def _refused_proof(w: Worker, up: aiohttp.ClientResponse) -> str | None:
+    """The reason to give when a worker refused the proxy's proof (401). Clients cannot send proofs, so it
+    is the deployment that is misconfigured, not the request: the client gets a 502 that says so."""
+    if up.status != 401:
+        return None
+    msg = _error_message(await up.read()) or "HTTP 401"
+    reason = (
+        f"{w.name} refused the proxy's proof ({msg}): the proxy and its workers must be started with "
+        "the same deployment secret"
+    )
+    w.request_failed(reason, unreachable=False)
+    return reason
+
+
+def _without_bootstrap(raw: bytes, body: dict) -> bytes:
+    """The client's bytes unchanged, unless it sent bootstrap fields: only the proxy may choose those, and
+    the proof the proxy adds would otherwise vouch for them."""
+    if not any(k in body for k in BOOTSTRAP_FIELDS):
+        return raw
+    return json.dumps({k: v for k, v in body.items() if k not in BOOTSTRAP_FIELDS}).encode()
+
+
+async def forward_colocated(px: Proxy, request: web.Request, raw: bytes, body: dict) -> web.StreamResponse:
     pool = px.pools["colocated"]
+    payload = _without_bootstrap(raw, body)
+    stream = bool(body.get("stream"))
     tried: list[str] = []
     # A worker that refuses the connection never saw the request, so another may take it.
     for _ in range(len(pool.workers)):
@@ -435,25 +619,33 @@ async def forward_colocated(px: Proxy, request: web.Request, raw: bytes) -> web.
         opened: list[web.StreamResponse] = []
         with in_flight(w):
             try:
-                async with px.post(w, request.path, raw) as up:
-                    try:
-                        out = await relay(request, up, opened.append)
-                    except ClientGone:
-                        up.close()  # so that the worker aborts the request
-                        return opened[0]
-                    if up.status < 500:
-                        w.served += 1
-                    else:
-                        w.request_failed(f"answered HTTP {up.status}", unreachable=False)
-                    return out
+                return await until_lost(w, _colocated_call(px, request, w, payload, stream, opened))
             except aiohttp.ClientConnectorError as e:
                 w.request_failed(describe(e), unreachable=True)
                 tried.append(f"{w.url}: {describe(e)}")
-            except UPSTREAM_ERRORS as e:
-                reason = f"worker {w.url} failed: {describe(e, px.args.request_timeout)}"
-                w.request_failed(reason, unreachable=True)
+            except (*UPSTREAM_ERRORS, WorkerLost) as e:
+                reason = px.upstream_failed(w, e)
                 return await _end_with_error(opened[0], reason, 502) if opened else json_error(reason, 502)
     return json_error("every worker refused the connection: " + "; ".join(tried), 502)
+
+
+async def _colocated_call(
+    px: Proxy, request: web.Request, w: Worker, payload: bytes, stream: bool, opened: list
+) -> web.StreamResponse:
+    async with px.post(w, request.path, payload, stream=stream) as up:
+        refused = await _refused_proof(w, up)
+        if refused is not None:
+            return json_error(refused, 502)
+        try:
+            out = await relay(request, up, opened.append)
+        except ClientGone:
+            up.close()  # so that the worker aborts the request
+            return opened[0]
+        if up.status < 500:
+            w.served += 1
+        else:
+            w.request_failed(f"answered HTTP {up.status}", unreachable=False)
+        return out
 
 
 @dataclass
@@ -470,6 +662,7 @@ class PDRequest:
         self.px = px
         self.request = request
         self.body = body
+        self.stream = bool(body.get("stream"))
         self.out: web.StreamResponse | None = None  # the client's stream, once D's headers came back
 
     def _prepared(self, out: web.StreamResponse) -> None:
@@ -483,6 +676,7 @@ class PDRequest:
         except NoHealthyWorker as e:
             return json_error(str(e), 503)
         room = secrets.randbits(63)
+        # The client's own bootstrap fields, if any, are overwritten here: only the proxy chooses them.
         payload = json.dumps(
             {
                 **self.body,
@@ -522,17 +716,13 @@ class PDRequest:
         return await _end_with_error(self.out, res.reason, 502)
 
     async def _prefill(self, p: Worker, payload: bytes) -> PrefillResult:
-        timeout_s = self.px.args.request_timeout
         with in_flight(p):
             try:
-                async with self.px.post(p, self.request.path, payload) as up:
-                    body = await up.read()
-                    status = up.status
-                    sse = _is_sse(up)
-            except UPSTREAM_ERRORS as e:
-                reason = f"prefill {p.url} failed: {describe(e, timeout_s)}"
-                p.request_failed(reason, unreachable=True)
-                return PrefillResult(False, 502, reason)
+                status, body, sse, refused = await until_lost(p, self._prefill_call(p, payload))
+            except (*UPSTREAM_ERRORS, WorkerLost) as e:
+                return PrefillResult(False, 502, self.px.upstream_failed(p, e))
+        if refused is not None:
+            return PrefillResult(False, 502, refused)
         if status >= 400:
             msg = _error_message(body) or f"HTTP {status}"
             if status < 500:
@@ -551,31 +741,42 @@ class PDRequest:
         p.served += 1
         return PrefillResult(True, status)
 
+    async def _prefill_call(self, p: Worker, payload: bytes) -> tuple[int, bytes, bool, str | None]:
+        # No --read-timeout here: P's answer is not relayed, and P is silent by design until the KV is
+        # written. A hung P is caught by the health probes, and by D's own KV transfer timeout.
+        async with self.px.post(p, self.request.path, payload) as up:
+            refused = await _refused_proof(p, up)
+            return up.status, await up.read(), _is_sse(up), refused
+
     async def _decode(self, d: Worker, payload: bytes) -> tuple[web.StreamResponse, bool]:
-        timeout_s = self.px.args.request_timeout
         with in_flight(d):
             try:
-                async with self.px.post(d, self.request.path, payload) as up:
-                    try:
-                        out = await relay(self.request, up, self._prepared)
-                    except (asyncio.CancelledError, ClientGone) as e:
-                        # Closing (not releasing) the connection is what tells D to abort the request.
-                        up.close()
-                        if isinstance(e, ClientGone) and self.out is not None:
-                            return self.out, False
-                        raise
-                    ok = up.status < 400
-                    if ok:
-                        d.served += 1
-                    elif up.status >= 500:
-                        d.request_failed(f"answered HTTP {up.status}", unreachable=False)
-                    return out, ok
-            except UPSTREAM_ERRORS as e:
-                reason = f"decode {d.url} failed: {describe(e, timeout_s)}"
-                d.request_failed(reason, unreachable=True)
+                return await until_lost(d, self._decode_call(d, payload))
+            except (*UPSTREAM_ERRORS, WorkerLost) as e:
+                reason = self.px.upstream_failed(d, e)
                 if self.out is None:
                     return json_error(reason, 502), False
                 return await _end_with_error(self.out, reason, 502), False
+
+    async def _decode_call(self, d: Worker, payload: bytes) -> tuple[web.StreamResponse, bool]:
+        async with self.px.post(d, self.request.path, payload, stream=self.stream) as up:
+            refused = await _refused_proof(d, up)
+            if refused is not None:
+                return json_error(refused, 502), False
+            try:
+                out = await relay(self.request, up, self._prepared)
+            except (asyncio.CancelledError, ClientGone) as e:
+                # Closing (not releasing) the connection is what tells D to abort the request.
+                up.close()
+                if isinstance(e, ClientGone) and self.out is not None:
+                    return self.out, False
+                raise
+            ok = up.status < 400
+            if ok:
+                d.served += 1
+            elif up.status >= 500:
+                d.request_failed(f"answered HTTP {up.status}", unreachable=False)
+            return out, ok
 
 
 def _error_message(body: bytes) -> str | None:
@@ -595,8 +796,8 @@ def _error_message(body: bytes) -> str | None:
 # ---- process ----
 
 
-async def serve(args: argparse.Namespace) -> int:
-    app = create_app(args)
+async def serve(args: argparse.Namespace, key: DeploymentKey | None = None) -> int:
+    app = create_app(args, key)
     # handler_cancellation: a client that goes away cancels its handler, which closes the upstream requests,
     # so the workers abort them instead of computing answers nobody reads.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, handler_cancellation=True)
@@ -621,6 +822,8 @@ async def serve(args: argparse.Namespace) -> int:
         args.policy,
         ", ".join(f"{w.role} {w.url}" for w in px.workers),
     )
+    if key is not None:
+        log.info("requests to workers carry the deployment key's proof (key id %s)", key.key_id)
     await stop.wait()
     log.info("proxy stopping")
     await runner.cleanup()
@@ -632,7 +835,12 @@ def main(argv: list[str]) -> int:
         args = parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
+    try:
+        key = load_key(args)
+    except AuthError as e:
+        print(f"disaggctl serve proxy: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    return asyncio.run(serve(args))
+    return asyncio.run(serve(args, key))

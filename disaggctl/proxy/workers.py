@@ -2,21 +2,31 @@
 
 A worker is skipped by its pool's policy while it is unhealthy. It becomes unhealthy when a request to it
 fails at the connection level (refused, reset, timed out) or when a health probe fails, and healthy again
-when a probe succeeds. Everything here runs on the proxy's one event loop, so counters need no locks.
+when a probe succeeds. A worker that leaves probes unanswered `LOST_AFTER_PROBES` times in a row (hung,
+SIGSTOPped, its host gone) is also declared lost: its in-flight requests are ended at once instead of
+waiting out the whole request timeout. Everything here runs on the proxy's one event loop, so counters
+need no locks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 
 log = logging.getLogger("disaggctl.proxy")
+
+# One unanswered probe can be a hiccup (a long GC pause, a busy loop); two in a row, a probe interval
+# apart, is a worker that will not finish what it holds either.
+LOST_AFTER_PROBES = 2
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,10 +40,20 @@ class Worker:
     served: int = 0
     failures: int = 0
     last_error: str | None = None
+    unanswered_probes: int = 0  # in a row; an answer of any status resets it
+    read_timeouts: int = 0  # streamed answers cut after --read-timeout seconds of silence
+    lost_requests: int = 0  # requests ended because the worker stopped answering health checks
+    # Resolved (with the reason) when the worker is declared lost; every in-flight request waits on it.
+    _lost: asyncio.Future | None = field(default=None, repr=False)
 
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
+
+    @property
+    def name(self) -> str:
+        """How messages name the worker: "prefill URL", "decode URL", or "worker URL" when colocated."""
+        return f"worker {self.url}" if self.role == "colocated" else f"{self.role} {self.url}"
 
     def set_health(self, ok: bool, reason: str | None = None) -> None:
         if ok and not self.healthy:
@@ -43,6 +63,35 @@ class Worker:
         self.healthy = ok
         if not ok:
             self.last_error = reason
+
+    def lost_signal(self) -> asyncio.Future:
+        """The future a request to this worker races against: it resolves if the worker is declared lost."""
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_future()
+        return self._lost
+
+    def probe_answered(self) -> None:
+        self.unanswered_probes = 0
+
+    def probe_unanswered(self, reason: str) -> None:
+        self.unanswered_probes += 1
+        if self.unanswered_probes < LOST_AFTER_PROBES:
+            return
+        # Every failed round past the threshold ends what is in flight, not only the first: nothing new
+        # should reach an unhealthy worker, but a request that did must not hang either.
+        lost, self._lost = self._lost, None
+        if lost is None or lost.done():
+            return
+        if self.in_flight:
+            log.warning(
+                "%s stopped answering health checks (%d probes in a row, last: %s): "
+                "ending its %d in-flight request(s)",
+                self.name,
+                self.unanswered_probes,
+                reason,
+                self.in_flight,
+            )
+        lost.set_result(f"{self.name} stopped answering health checks ({reason})")
 
     def request_failed(self, reason: str, unreachable: bool) -> None:
         """Count a failed request; a worker that could not be reached is also taken out of rotation."""
@@ -59,6 +108,8 @@ class Worker:
             "in_flight": self.in_flight,
             "served": self.served,
             "failures": self.failures,
+            "read_timeouts": self.read_timeouts,
+            "lost_requests": self.lost_requests,
             "last_error": self.last_error,
         }
         if self.bootstrap_port is not None:
@@ -77,6 +128,29 @@ def in_flight(worker: Worker) -> Iterator[None]:
 
 class NoHealthyWorker(Exception):
     pass
+
+
+class WorkerLost(Exception):
+    """The worker stopped answering health checks while a request to it was in flight."""
+
+
+async def until_lost(worker: Worker, coro: Awaitable[T]) -> T:
+    """Await `coro` (a request to `worker`), or cancel it and raise WorkerLost if the worker is declared
+    lost first: a hung worker would otherwise hold a non-streamed request for the whole request timeout,
+    since its silence looks the same as a long generation."""
+    lost = worker.lost_signal()
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    if task.done():  # a finished request wins over a loss noticed at the same moment
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise WorkerLost(lost.result())
 
 
 class Pool:
@@ -111,8 +185,11 @@ async def probe(session: aiohttp.ClientSession, worker: Worker, timeout_s: float
         ) as resp:
             await resp.read()
             ok, reason = resp.status == 200, f"/health answered {resp.status}"
+        # A worker that answers, even 503 (stopping, draining), is alive: what it holds may still finish.
+        worker.probe_answered()
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         ok, reason = False, f"/health probe failed: {describe(e, timeout_s)}"
+        worker.probe_unanswered(reason)
     worker.set_health(ok, reason)
     return ok
 

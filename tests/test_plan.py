@@ -179,6 +179,7 @@ def test_embedded_argv_is_what_serve_parses(tmp_path):
 
 def test_builtin_proxy_argv(tmp_path):
     from disaggctl.proxy import server
+
     plan = plan_of(
         tmp_path, HEAD + "prefill: {replicas: 2}\ndecode: {replicas: 2}\nproxy: {policy: least_load}\n"
     )
@@ -190,9 +191,69 @@ def test_builtin_proxy_argv(tmp_path):
     assert [int(b) for b in a.bootstrap_port] == [p.bootstrap_port for p in prefills]
     assert a.decode == [p.url for p in plan.processes if p.role == "decode"]
     assert (a.host, a.port, a.policy) == ("127.0.0.1", 8000, "least_load")
+    assert (a.read_timeout, a.request_timeout) == (60.0, 600.0)  # the topology's defaults
     colo = plan_of(tmp_path, HEAD + "colocated: {replicas: 2}\n").processes[-1]
     b = server.build_parser().parse_args(colo.argv[5:])
     assert b.worker == ["http://127.0.0.1:30000", "http://127.0.0.1:30001"] and not b.prefill
+
+
+def test_proxy_timeouts_come_from_the_topology(tmp_path):
+    from disaggctl.proxy import server
+
+    text = HEAD + "colocated: {}\nproxy: {read_timeout_s: 2.5, request_timeout_s: 30}\n"
+    proxy = plan_of(tmp_path, text).process("proxy")
+    argv = proxy.argv
+    assert argv[argv.index("--read-timeout") + 1] == "2.5"
+    assert argv[argv.index("--request-timeout") + 1] == "30"
+    a = server.build_parser().parse_args(argv[5:])
+    assert (a.read_timeout, a.request_timeout) == (2.5, 30.0)
+    for field in ("read_timeout_s", "request_timeout_s"):
+        for bad in ("0", "-1"):
+            lines = rejected(tmp_path, HEAD + f"colocated: {{}}\nproxy: {{{field}: {bad}}}\n")
+            assert any(f"proxy.{field}" in x and "greater than 0" in x for x in lines), lines
+
+
+def test_pd_workers_are_bound_to_the_plans_peers(tmp_path):
+    from disaggctl.runtime.server import build_parser
+
+    plan = plan_of(tmp_path, HEAD + "prefill: {replicas: 2}\ndecode: {replicas: 2}\n")
+    prefills = [p for p in plan.processes if p.role == "prefill"]
+    decodes = [p for p in plan.processes if p.role == "decode"]
+    bootstraps = [f"127.0.0.1:{p.bootstrap_port}" for p in prefills]
+    assert bootstraps == ["127.0.0.1:8998", "127.0.0.1:8999"]
+    peers = [f"decode-{i}={d.url}" for i, d in enumerate(decodes)]
+    assert peers == ["decode-0=http://127.0.0.1:30002", "decode-1=http://127.0.0.1:30003"]
+    for d in decodes:
+        assert build_parser("decode").parse_args(d.argv[5:]).prefill_bootstrap == bootstraps
+        assert "--decode-peer" not in d.argv
+    for p in prefills:
+        assert build_parser("prefill").parse_args(p.argv[5:]).decode_peer == peers
+        assert "--prefill-bootstrap" not in p.argv
+    for proc in plan.processes:
+        if proc.role == "proxy":
+            assert "--prefill-bootstrap" not in proc.argv and "--decode-peer" not in proc.argv
+
+
+def test_peer_addresses_across_hosts_and_ipv6(tmp_path):
+    hosts = "hosts: [{name: a, address: 'fd00::1'}, {name: b, address: 10.9.0.2}]\n"
+    plan = plan_of(tmp_path, HEAD + hosts + "prefill: {hosts: [a]}\ndecode: {hosts: [b]}\n")
+    dec, pre = plan.process("decode-0"), plan.process("prefill-0")
+    assert dec.argv[dec.argv.index("--prefill-bootstrap") + 1] == "[fd00::1]:8998"
+    assert pre.argv[pre.argv.index("--decode-peer") + 1] == "decode-0=http://10.9.0.2:30000"
+    plan = plan_of(tmp_path, HEAD + hosts + "prefill: {hosts: [b]}\ndecode: {hosts: [a]}\n")
+    pre = plan.process("prefill-0")
+    assert pre.argv[pre.argv.index("--decode-peer") + 1] == "decode-0=http://[fd00::1]:30000"
+
+
+def test_peer_flags_only_for_embedded_pd(tmp_path):
+    colocated = plan_of(tmp_path, HEAD + "colocated: {replicas: 2}\n")
+    sglang = plan_of(tmp_path, HEAD + "engine: sglang\nprefill: {}\ndecode: {}\n")
+    for proc in colocated.processes + sglang.processes:
+        assert "--prefill-bootstrap" not in proc.argv and "--decode-peer" not in proc.argv, proc.argv
+    # the peers are part of the spec: a new prefill means the decodes must be restarted to trust it
+    one = plan_of(tmp_path, HEAD + "prefill: {replicas: 1}\ndecode: {}\n")
+    two = plan_of(tmp_path, HEAD + "prefill: {replicas: 2}\ndecode: {}\n")
+    assert one.spec_hash("decode-0") != two.spec_hash("decode-0")
 
 
 @pytest.mark.parametrize(

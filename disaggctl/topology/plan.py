@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, computed_field
 
 from disaggctl.topology.load import Issue, TopologyError
-from disaggctl.topology.schema import ROLES, Host, Role, SshSettings, Topology
+from disaggctl.topology.schema import ROLES, Host, Proxy, Role, SshSettings, Topology
 
 DEFAULT_HTTP_PORT = 30000
 DEFAULT_BOOTSTRAP_PORT = 8998
@@ -403,7 +403,29 @@ def _timeout_text(timeout_s: float) -> str:
     return str(int(timeout_s)) if float(timeout_s).is_integer() else str(timeout_s)
 
 
-def _embedded_argv(p: ProcessSpec, role: Role, topology: Topology, python: str, protocol: str) -> list[str]:
+def _hostport(address: str, port: int | None) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _peer_args(p: ProcessSpec, procs: list[ProcessSpec]) -> list[str]:
+    """The peers a PD worker may deal with, bound by the plan: a decode sends KV registrations only to
+    these prefill bootstrap endpoints, a prefill writes KV only to these decodes. A bootstrap address
+    that arrives in a request is then checked, not trusted."""
+    argv: list[str] = []
+    if p.role == "decode":
+        for q in procs:
+            if q.role == "prefill":
+                argv += ["--prefill-bootstrap", _hostport(q.address, q.bootstrap_port)]
+    elif p.role == "prefill":
+        for q in procs:
+            if q.role == "decode":
+                argv += ["--decode-peer", f"{q.name}={q.url}"]
+    return argv
+
+
+def _embedded_argv(
+    p: ProcessSpec, role: Role, topology: Topology, python: str, protocol: str, procs: list[ProcessSpec]
+) -> list[str]:
     m = topology.model
     argv = [python, "-m", "disaggctl", "serve", p.role, "--host", p.bind, "--port", str(p.port)]
     argv += ["--model", m.path, "--dtype", m.dtype, "--device", "cuda" if p.gpus else "cpu"]
@@ -426,11 +448,12 @@ def _embedded_argv(p: ProcessSpec, role: Role, topology: Topology, python: str, 
         if p.nics:
             argv += ["--ib-device", ",".join(p.nics)]
         argv += ["--transfer-timeout", _timeout_text(topology.transfer.timeout_s)]
+        argv += _peer_args(p, procs)
     return argv + list(role.extra_args)
 
 
 def _builtin_proxy_argv(
-    python: str, bind: str, port: int, policy: str, workers: list[ProcessSpec]
+    python: str, bind: str, port: int, proxy: Proxy, workers: list[ProcessSpec]
 ) -> list[str]:
     argv = [
         python,
@@ -443,7 +466,11 @@ def _builtin_proxy_argv(
         "--port",
         str(port),
         "--policy",
-        policy,
+        proxy.policy,
+        "--read-timeout",
+        _timeout_text(proxy.read_timeout_s),
+        "--request-timeout",
+        _timeout_text(proxy.request_timeout_s),
     ]
     for w in workers:
         if w.role == "prefill":
@@ -568,7 +595,7 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
         python = host_specs[p.host].python
         env = {"PYTHONUNBUFFERED": "1"}
         if topology.engine == "embedded":
-            p.argv = _embedded_argv(p, role, topology, python, protocol_of[p.name])
+            p.argv = _embedded_argv(p, role, topology, python, protocol_of[p.name], procs)
             if p.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, p.gpus))
         else:
@@ -585,7 +612,7 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
     if topology.proxy.use == "mini_lb":
         pargv = sglang.mini_lb_argv(python, pbind, topology.proxy.port, workers)
     else:
-        pargv = _builtin_proxy_argv(python, pbind, topology.proxy.port, topology.proxy.policy, workers)
+        pargv = _builtin_proxy_argv(python, pbind, topology.proxy.port, topology.proxy, workers)
     procs.append(
         ProcessSpec(
             name="proxy",

@@ -121,6 +121,10 @@ class Proxy(Strict):
     bind: str | None = None
     policy: Literal["round_robin", "random", "least_load", "power_of_two"] = "round_robin"
     use: Literal["builtin", "mini_lb"] = "builtin"  # mini_lb: SGLang's own, engine sglang only
+    # builtin proxy: the longest silence between two bytes of a worker's (streamed) answer, so a frozen
+    # worker is noticed long before the whole request's budget is spent
+    read_timeout_s: float = Field(60.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)  # builtin proxy: one request, end to end
 
 
 class Topology(Strict):

@@ -75,6 +75,40 @@ def test_plan_sglang_prints_commands_per_host(cli, planner, topo):
             assert line in res.stdout
 
 
+def test_plan_output_redacts_secret_looking_env_values(cli, planner, tmp_path):
+    from disaggctl.topology import sglang
+    from disaggctl.topology.load import load_topology
+
+    topo = tmp_path / "env.yaml"
+    topo.write_text(
+        TOPOLOGY.replace(
+            "decode: {replicas: 1, tp: 4, hosts: [node0]}",
+            "decode: {replicas: 1, tp: 4, hosts: [node0], "
+            "env: {HF_TOKEN: tok-4f1e9b, MY_API_KEY: key-77ac02, MC_LOG_LEVEL: INFO}}",
+        )
+    )
+    plan = planner.build_plan(load_topology(topo), str(topo))
+    assert plan.process("decode-0").env["HF_TOKEN"] == "tok-4f1e9b"  # the plan itself keeps what up needs
+
+    doc = json.loads(run(cli, "plan", str(topo), "--json").stdout)
+    env = next(p for p in doc["plan"]["processes"] if p["name"] == "decode-0")["env"]
+    assert env["HF_TOKEN"] == env["MY_API_KEY"] == "<redacted>"
+    assert env["MC_LOG_LEVEL"] == "INFO"  # only secret-looking names are hidden
+    assert doc["spec_hashes"]["decode-0"] == plan.spec_hash("decode-0")  # hashed from the real values
+    for args in ([], ["--json"], ["--engine", "sglang"], ["--engine", "sglang", "--json"]):
+        res = run(cli, "plan", str(topo), *args)
+        assert res.returncode == 0, res.stderr
+        assert "tok-4f1e9b" not in res.stdout and "key-77ac02" not in res.stdout, args
+        assert "<redacted>" in res.stdout and "MC_LOG_LEVEL" in res.stdout, args
+    # the rendered SGLang commands are the real ones but for the hidden values
+    real = sglang.render_commands(
+        planner.build_plan(load_topology(topo).model_copy(update={"engine": "sglang"}))
+    )
+    shown = run(cli, "plan", str(topo), "--engine", "sglang").stdout
+    line = next(x for lines in real.values() for x in lines if "tok-4f1e9b" in x)
+    assert line.replace("tok-4f1e9b", "'<redacted>'").replace("key-77ac02", "'<redacted>'") in shown
+
+
 def test_plan_topology_error_names_file_and_line(cli, planner, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TOPOLOGY.replace("replicas: 2", "replicas: two"))

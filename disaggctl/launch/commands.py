@@ -66,6 +66,14 @@ def _load_plan(path: Path, engine: str | None = None, launch: bool = False) -> A
         raise typer.Exit(EXIT_USAGE) from None
 
 
+def redacted(plan: Any) -> Any:
+    """A copy of `plan` whose processes' secret-looking environment values read `<redacted>`."""
+    from disaggctl.trust import redact_env
+
+    procs = [proc.model_copy(update={"env": redact_env(proc.env or {})}) for proc in plan.processes]
+    return plan.model_copy(update={"processes": procs})
+
+
 def _gpus(gpus: list[int]) -> str:
     return ",".join(map(str, gpus)) or "-"
 
@@ -85,6 +93,9 @@ def plan(
         raise _fail(f"--engine must be embedded or sglang, got {engine!r}", EXIT_USAGE)
     p = _load_plan(file, engine)
     hashes = {proc.name: p.spec_hash(proc.name) for proc in p.processes}
+    # The plan keeps the real values (up needs them); what is printed hides secret-looking ones, since
+    # plans get pasted into tickets and CI logs.
+    p = redacted(p)
     commands = None
     if p.engine == "sglang":
         from disaggctl.topology.sglang import render_commands

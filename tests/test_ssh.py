@@ -19,6 +19,7 @@ from disaggctl.launch.preflight import preflight
 from disaggctl.launch.ssh import SshBackend, SshError, SshTarget, connection
 from disaggctl.launch.state import ProcRecord
 from disaggctl.topology.plan import HostSpec, ProcessSpec
+from disaggctl.trust import DeploymentKey
 
 pytest_plugins = ["netns_hosts"]
 pytestmark = pytest.mark.netns
@@ -87,7 +88,6 @@ def group_members(lab, host: str, pgid: int) -> list[str]:
     return [
         line for line in res.stdout.splitlines() if int(line.split()[0]) == pgid and line.split()[1][0] != "Z"
     ]
-
 
 
 def http_status(url: str) -> int | None:
@@ -281,6 +281,62 @@ def test_shell_metacharacters_arrive_verbatim(lab, tmp_path):
     finally:
         assert backend.stop(rec, grace_s=5) == "stopped"
     assert not os.path.exists(marker)
+
+
+@pytest.mark.slow
+def test_secret_and_environment_reach_the_process_but_no_command_line(lab, tmp_path):
+    key = DeploymentKey.generate()
+    local_secret = key.write(tmp_path / "secret")
+    token = f"tok-{uuid.uuid4().hex}"
+    out = tmp_path / "seen.json"
+    code = (
+        "import json, os, stat, time; p = os.environ['DISAGGCTL_SECRET_FILE']; "
+        "seen = {'file': p, 'mode': stat.S_IMODE(os.stat(p).st_mode), 'key': open(p).read().strip(), "
+        "'token': os.environ['API_TOKEN']}; "
+        f"json.dump(seen, open({str(out)!r}, 'w')); print('ready', flush=True); time.sleep(60)"
+    )
+    env = {"PYTHONUNBUFFERED": "1", "API_TOKEN": token}
+    spec = process_spec(lab, "worker-0", "h1", [sys.executable, "-c", code], 18096, env=env)
+    backend = SshBackend(host_spec(lab, "h1"))
+    directory = run_dir(lab)
+    netns = lab.host("h1").netns
+    # Every command line on the machine (the namespaces share one process table), read all through the
+    # start: the launch script's shell lives only a few tens of milliseconds, `ps` is too slow for it.
+    cmdlines: list[bytes] = []
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for pid in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmdlines.append(f.read())
+                except OSError:
+                    continue
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        rec = backend.start(spec, directory, secret_file=str(local_secret))
+    finally:
+        done.set()
+        sampler.join(30)
+    try:
+        seen = json.loads(wait_for(lambda: out.exists() and out.read_text() or None, 10, "what it saw"))
+        remote_secret = os.path.join(os.path.realpath(directory), "secret")
+        assert seen == {"file": remote_secret, "mode": 0o600, "key": key.hex(), "token": token}
+        assert any(b"umask 077" in c for c in cmdlines), "the sampler never saw the launch script"
+        assert not any(token.encode() in c or key.hex().encode() in c for c in cmdlines)
+        ps = lab.exec_in(netns, ["ps", "-e", "-o", "args="]).stdout
+        assert code[:40] in ps and token not in ps and key.hex() not in ps
+        for name in ("secret", "worker-0.env", "worker-0.log", "worker-0.pid"):
+            assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o600, name
+        assert os.stat(directory).st_mode & 0o777 == 0o700
+    finally:
+        assert backend.stop(rec, grace_s=5) == "stopped"
+    backend.remove_private_files([rec])
+    assert not os.path.exists(remote_secret) and not os.path.exists(os.path.join(directory, "worker-0.env"))
+    assert backend.read_log(rec) == ["ready"]  # the log stays
 
 
 @pytest.mark.slow

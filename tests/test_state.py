@@ -20,6 +20,7 @@ from conftest import free_port, wait_for
 from disaggctl.launch import health, logview, state, supervisor
 from disaggctl.launch.local import LocalBackend, rotate
 from disaggctl.launch.state import DeploymentState, HostRecord, ProcRecord
+from disaggctl.trust import DeploymentKey
 
 
 @dataclass
@@ -79,6 +80,29 @@ def test_failed_write_keeps_the_previous_state(disaggctl_home, monkeypatch):
             state.save(new)
     assert state.load("demo") == old
     assert sorted(p.name for p in (disaggctl_home / "demo").iterdir()) == ["state.json"]
+
+
+def mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.fixture
+def open_umask():
+    """umask 0: what the code creates must be private by itself, not thanks to the caller's umask."""
+    old = os.umask(0)
+    yield
+    os.umask(old)
+
+
+def test_state_lock_and_directory_are_private(disaggctl_home, open_umask):
+    # a deployment directory left open by an older version is tightened on the next write
+    (disaggctl_home / "demo").mkdir(mode=0o755)
+    path = state.save(make_state())
+    with state.locked("demo"):
+        pass
+    assert mode(path) == 0o600
+    assert mode(path.parent / ".lock") == 0o600
+    assert mode(path.parent) == 0o700
 
 
 def test_unreadable_state_is_a_clear_error(disaggctl_home):
@@ -157,6 +181,25 @@ def test_start_records_identity_and_log(backend, tmp_path):
     assert backend.alive(rec)
     assert backend.stop(rec, 5) == "stopped"
     assert not backend.alive(rec) and not psutil.pid_exists(rec.pid)
+
+
+@pytest.mark.slow
+def test_start_hands_the_secret_over_by_file_name_and_keeps_files_private(
+    backend, tmp_path, monkeypatch, open_umask
+):
+    key = DeploymentKey.generate()
+    secret = key.write(tmp_path / "secret")
+    # a key in the caller's own environment belongs to something else: it must not reach the process
+    monkeypatch.setenv("DISAGGCTL_SECRET", "ab" * 16)
+    run_dir = tmp_path / "logs"
+    rec = backend.start(Spec("w", SLEEPER, env={"MARK": "x"}), str(run_dir), secret_file=str(secret))
+    p = psutil.Process(rec.pid)
+    environ = p.environ()
+    assert environ["DISAGGCTL_SECRET_FILE"] == str(secret) and "DISAGGCTL_SECRET" not in environ
+    assert DeploymentKey.from_env(environ).key_id == key.key_id
+    assert not any(key.hex() in a or "DISAGGCTL" in a for a in p.cmdline())
+    assert mode(run_dir) == 0o700 and mode(rec.log_path) == 0o600
+    assert backend.stop(rec, 5) == "stopped"
 
 
 @pytest.mark.slow

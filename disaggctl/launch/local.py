@@ -18,7 +18,8 @@ from typing import Any
 
 import psutil
 
-from disaggctl.launch.state import ProcRecord
+from disaggctl.launch.state import ProcRecord, private_dir
+from disaggctl.trust import ENV_FILE, ENV_HEX
 
 KEEP_LOGS = 3  # <name>.log plus <name>.log.1 .. .2
 KILL_WAIT_S = 10.0
@@ -40,6 +41,17 @@ def rotate(log: Path, keep: int = KEEP_LOGS) -> None:
             os.replace(newer, older)
 
 
+def _private_log(path: Path):
+    """The log opened for appending, readable by its owner only (a log may quote requests and settings)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a log left by an older version keeps its mode otherwise
+        return os.fdopen(fd, "ab")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _gone(p: psutil.Process) -> bool:
     try:
         return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
@@ -59,13 +71,17 @@ class LocalBackend:
 
     # -- start --------------------------------------------------------------------------------------
 
-    def start(self, spec: Any, run_dir: str) -> ProcRecord:
-        directory = Path(run_dir).expanduser()
-        directory.mkdir(parents=True, exist_ok=True)
+    def start(self, spec: Any, run_dir: str, secret_file: str | None = None) -> ProcRecord:
+        """Start `spec` with its output in `run_dir`/NAME.log; `secret_file` (the deployment secret, a
+        0600 file) is handed over by name in the environment, never on the command line."""
+        directory = private_dir(run_dir)
         log_path = directory / f"{spec.name}.log"
         rotate(log_path)
         env = {**os.environ, **{k: str(v) for k, v in (spec.env or {}).items()}}
-        with open(log_path, "ab") as log:
+        if secret_file is not None:
+            env.pop(ENV_HEX, None)  # a key from the caller's own environment is not this deployment's
+            env[ENV_FILE] = str(secret_file)
+        with _private_log(log_path) as log:
             try:
                 proc = subprocess.Popen(
                     [str(a) for a in spec.argv],

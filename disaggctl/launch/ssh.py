@@ -6,14 +6,19 @@ and process group (`setsid`), stdin from /dev/null, stdout+stderr to a log file,
 the group leader itself. A process is identified by (pid, start ticks from /proc/PID/stat, boot_id), so
 a reused pid or a rebooted host is never mistaken for ours and never signalled.
 
-Every token that reaches a remote shell is `shlex.quote`d; the environment travels as `env K=V`
-arguments, not through the SSH protocol (sshd drops variables that `AcceptEnv` does not list).
-paramiko is imported inside functions: `disaggctl status` must start fast.
+Every token that reaches a remote shell is `shlex.quote`d. Nothing secret is ever part of a remote
+command line (which `ps` shows every user of the host): a process's environment is written, through the
+channel's stdin, to a 0600 `NAME.env` file in the run directory that the launch script sources, and the
+deployment secret is copied the same way to a 0600 `secret` file there (not through the SSH protocol's
+environment either: sshd drops variables that `AcceptEnv` does not list). Remote files are made under
+`umask 077`. paramiko is imported inside functions: `disaggctl status` must start fast.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
 import os
 import re
 import shlex
@@ -23,10 +28,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from disaggctl.trust import ENV_FILE
+
 if TYPE_CHECKING:
     import paramiko
 
     from disaggctl.launch.state import ProcRecord
+
+REMOTE_SECRET = "secret"
 
 CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 30.0
@@ -287,14 +296,21 @@ class SshConnection:
         except Exception as e:  # paramiko raises SSHException or EOFError when the link dropped
             raise SshError(self.target.host, f"cannot open an SSH channel: {e}", "unreachable") from e
 
-    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> CommandResult:
-        """Run one shell command; waits at most `timeout` seconds for it to finish."""
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S, stdin: bytes = b"") -> CommandResult:
+        """Run one shell command with `stdin` as its standard input (then EOF); waits at most `timeout`
+        seconds for it to finish. stdin is how data that must not show in `ps` reaches the host."""
         chan = self.open_session()
         out: list[bytes] = []
         err: list[bytes] = []
         deadline = time.monotonic() + timeout
         try:
             chan.exec_command(command)
+            # A command that exited early closed its side: what it did not read is moot, its exit
+            # status tells what happened.
+            with contextlib.suppress(OSError, EOFError):
+                if stdin:
+                    chan.sendall(stdin)
+                chan.shutdown_write()
             while True:
                 got = False
                 while chan.recv_ready():
@@ -367,6 +383,38 @@ def spec_problem(spec: Any) -> str | None:
         if not _ENV_KEY.match(k):
             return f"process {spec.name}: environment variable name {k!r} is not valid"
     return None
+
+
+def env_file(env: dict[str, str]) -> bytes:
+    """A process's environment as a file the launch script sources under `set -a`: one `NAME=value`
+    per line, the value quoted so that the shell reads it back verbatim (names are checked by
+    spec_problem)."""
+    return "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in env.items()).encode()
+
+
+def receive_stdin(final: str, nbytes: int) -> str:
+    """Shell lines that store the command's stdin as the file `final` (in the current directory),
+    all or nothing: a cut connection leaves a short temp file, never a short `final`."""
+    q = shlex.quote
+    tmp = q(f".{final}.tmp")
+    return (
+        f"cat > {tmp} && [ $(($(wc -c < {tmp}))) -eq {int(nbytes)} ] && mv -f {tmp} {q(final)} "
+        f"|| {{ rm -f {tmp}; echo 'could not write {final} in the run directory' >&2; exit 96; }}"
+    )
+
+
+def secret_command(run_dir: str, nbytes: int) -> str:
+    """The remote script that stores its stdin (`nbytes` of secret) as `run_dir`/secret, 0600, and
+    prints the run directory's absolute path."""
+    return "\n".join(
+        [
+            "umask 077",
+            f"mkdir -p {shell_path(run_dir)} || exit 97",
+            f"cd {shell_path(run_dir)} || exit 97",
+            receive_stdin(REMOTE_SECRET, nbytes),
+            "pwd -P",
+        ]
+    )
 
 
 def shell_path(path: str) -> str:
@@ -469,38 +517,67 @@ class SshBackend:
         self.host = host
         self.target = SshTarget.from_host(host, connect_timeout_s).with_ssh_config()
         self.python = getattr(host, "python", None) or "python3"
+        # (run_dir, digest of the secret) -> its path on the host: copied once per host and command
+        self._secrets: dict[tuple[str, str], str] = {}
+        self._secrets_lock = threading.Lock()
 
     @property
     def conn(self) -> SshConnection:
         return connection(self.target)
 
-    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S) -> CommandResult:
-        return self.conn.run(command, timeout)
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT_S, stdin: bytes = b"") -> CommandResult:
+        return self.conn.run(command, timeout, stdin)
 
     def _fail(self, message: str, reason: str = "command") -> SshError:
         return SshError(self.target.host, message, reason)
 
     # -- start --------------------------------------------------------------------------------------
 
-    def start_command(self, spec: Any, run_dir: str) -> str:
-        """The remote shell script that launches `spec` detached and prints pid, boot_id, dir, stat."""
+    def put_secret(self, run_dir: str, data: bytes) -> str:
+        """Copy the deployment secret to `run_dir`/secret on the host (0600, through stdin: never on a
+        command line). -> the file's absolute path there."""
+        res = self.run(secret_command(run_dir, len(data)), stdin=data)
+        directory = res.stdout.strip().splitlines()[-1:] if res.rc == 0 else []
+        if not directory:
+            raise self._fail(
+                f"copying the deployment secret to {run_dir} failed (exit {res.rc}): {res.stderr.strip()}",
+                "start",
+            )
+        return f"{directory[0]}/{REMOTE_SECRET}"
+
+    def _secret_on_host(self, run_dir: str, secret_file: str) -> str:
+        with open(secret_file, "rb") as f:
+            data = f.read()
+        key = (run_dir, hashlib.sha256(data).hexdigest())
+        with self._secrets_lock:
+            if key not in self._secrets:
+                self._secrets[key] = self.put_secret(run_dir, data)
+            return self._secrets[key]
+
+    def start_command(self, spec: Any, run_dir: str, env_bytes: int | None = None) -> str:
+        """The remote shell script that launches `spec` detached and prints pid, boot_id, dir, stat. It
+        reads the process's environment file (`env_file`, `env_bytes` long) from stdin: the script, which
+        `ps` shows, holds no environment value."""
         problem = spec_problem(spec)
         if problem:
             raise self._fail(problem, "start")
         name = spec.name
-        env = [f"{k}={v}" for k, v in (spec.env or {}).items()]
+        if env_bytes is None:
+            env_bytes = len(env_file(dict(spec.env or {})))
         q = shlex.quote
-        command = shlex.join(["env", *env, *[str(a) for a in spec.argv]])
-        inner = 'echo $$ > "$0.pid"; exec "$@"'  # the leader writes its own pid, then becomes the server
+        command = shlex.join([str(a) for a in spec.argv])
+        # the leader writes its own pid, exports its environment, then becomes the server
+        inner = 'echo $$ > "$0.pid"; set -a; . "./$0.env"; set +a; exec "$@"'
         polls = int(PID_FILE_WAIT_S / 0.05)
         # `cd` is its own statement: `a && cd && setsid ... &` would background a subshell that holds the
         # channel open, and exec_command would never return.
         return "\n".join(
             [
-                "umask 022",
+                "umask 077",
                 f"mkdir -p {shell_path(run_dir)} || exit 97",
                 f"cd {shell_path(run_dir)} || exit 97",
                 f"rm -f {q(name + '.pid')}",
+                receive_stdin(name + ".env", env_bytes),
                 f"if [ -f {q(name + '.log')} ]; then mv -f {q(name + '.log')} {q(name + '.log.1')}; fi",
                 f"setsid sh -c {q(inner)} {q(name)} {command} > {q(name + '.log')} 2>&1 < /dev/null &",
                 "i=0",
@@ -512,10 +589,19 @@ class SshBackend:
             ]
         )
 
-    def start(self, spec: Any, run_dir: str) -> ProcRecord:
+    def start(self, spec: Any, run_dir: str, secret_file: str | None = None) -> ProcRecord:
+        """Start `spec` on the host; with `secret_file` (the local 0600 copy of the deployment secret),
+        the host gets its own 0600 copy first and the process its path in DISAGGCTL_SECRET_FILE."""
         from disaggctl.launch.state import ProcRecord
 
-        res = self.run(self.start_command(spec, run_dir))
+        problem = spec_problem(spec)
+        if problem:
+            raise self._fail(problem, "start")
+        env = {k: str(v) for k, v in (spec.env or {}).items()}
+        if secret_file is not None:
+            env[ENV_FILE] = self._secret_on_host(run_dir, secret_file)
+        data = env_file(env)
+        res = self.run(self.start_command(spec, run_dir, len(data)), stdin=data)
         if res.rc != 0:
             raise self._fail(
                 f"starting {spec.name} in {run_dir} failed (exit {res.rc}): {res.stderr.strip()}", "start"
@@ -574,6 +660,21 @@ class SshBackend:
                 f"stopping {rec.name} (pid {rec.pid}) failed: {(outcome + ' ' + res.stderr).strip()}"
             )
         return outcome
+
+    def remove_private_files(self, recs: list[ProcRecord]) -> None:
+        """Remove the secret and the environment files that `start` left beside these processes' logs
+        (once they are stopped: a running process may still read its secret)."""
+        paths: set[str] = set()
+        for rec in recs:
+            directory = os.path.dirname(rec.log_path)
+            paths.update({f"{directory}/{REMOTE_SECRET}", f"{directory}/{rec.name}.env"})
+        with self._secrets_lock:
+            paths.update(self._secrets.values())
+            self._secrets.clear()
+        if paths:
+            res = self.run("rm -f -- " + " ".join(shlex.quote(p) for p in sorted(paths)))
+            if res.rc != 0:
+                raise self._fail(f"removing {', '.join(sorted(paths))} failed: {res.stderr.strip()}")
 
     # -- logs ---------------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """The state of a deployment: one JSON file per deployment, written atomically, guarded by a lock.
 
 Layout: `$DISAGGCTL_HOME/<name>/` (default `$XDG_STATE_HOME/disaggctl/<name>/`, i.e.
-`~/.local/state/disaggctl/<name>/`) holds `state.json`, `.lock` and `logs/` (local processes' logs).
+`~/.local/state/disaggctl/<name>/`) holds `state.json`, `.lock`, `secret` (the deployment secret, while
+anything of the deployment runs) and `logs/` (local processes' logs). The directory is 0700 and every
+file in it 0600: logs and the environment of processes may hold what other users must not read.
 The state is rewritten after every process start, so that `down` can clean up after an `up` that failed
 half-way. Only stdlib and pydantic here: `disaggctl status` reads this module and must start fast.
 """
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
+SECRET_FILE = "secret"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -116,6 +119,24 @@ def log_dir(name: str) -> Path:
     return deployment_dir(name) / "logs"
 
 
+def secret_path(name: str) -> Path:
+    return deployment_dir(name) / SECRET_FILE
+
+
+def private_dir(path: str | Path) -> Path:
+    """Make `path` (and missing parents) a directory only its owner can enter: 0700 whatever the umask.
+    An existing directory is tightened too, so state written by an older version becomes private."""
+    path = Path(path).expanduser()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def ensure_deployment_dir(name: str) -> Path:
+    return private_dir(deployment_dir(name))
+
+
 def load(name: str) -> DeploymentState | None:
     """The deployment's state, or None when it has none."""
     path = state_path(name)
@@ -135,8 +156,9 @@ def load(name: str) -> DeploymentState | None:
 def save(st: DeploymentState) -> Path:
     """Write the state atomically: a temp file in the same directory, fsync, rename, fsync the directory."""
     path = state_path(st.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_deployment_dir(st.name)
     data = st.model_dump_json(indent=2).encode()
+    # mkstemp creates the file 0600, and the rename keeps that mode
     fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -160,6 +182,11 @@ def remove(name: str) -> None:
     """Forget the deployment (its logs stay for the post-mortem)."""
     with contextlib.suppress(FileNotFoundError):
         state_path(name).unlink()
+
+
+def remove_secret(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        secret_path(name).unlink()
 
 
 def deployments() -> list[str]:
@@ -197,9 +224,8 @@ class AmbiguousDeployment(StateError):
 def locked(name: str, timeout_s: float = 10.0) -> Iterator[None]:
     """An exclusive flock on the deployment, so two `up`/`down` never interleave. The lock file is never
     deleted (deleting it would let a second process lock a fresh inode while the first still holds the old)."""
-    path = deployment_dir(name) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = ensure_deployment_dir(name) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -5,6 +5,11 @@ start together and the next level starts once all of them answer `GET /health` w
 file is rewritten after every start, so whatever happens a later `down` finds what is running.
 A host the plan marks `local` gets `local.LocalBackend`; any other host `ssh.SshBackend` (paramiko is
 imported only then).
+
+Every process gets the deployment secret as a 0600 file named by DISAGGCTL_SECRET_FILE (disaggctl.trust).
+`up` makes it when nothing of the deployment runs, and reuses it while something does, so that kept and
+restarted processes share it; `down` removes it (and the hosts' copies) once everything is stopped. The
+secret is never part of the plan: not in a command line, a process's `env` or a spec hash.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from disaggctl.launch import health, state
 from disaggctl.launch.local import LocalBackend
 from disaggctl.launch.state import DeploymentState, HostRecord, ProcRecord
+from disaggctl.trust import AuthError, DeploymentKey
 
 LEVELS = ("encoder", "prefill", "decode", "colocated", "proxy")
 DEFAULT_TIMEOUT_S = 600.0
@@ -112,6 +118,11 @@ class Backends:
                 self._remote[host.name] = SshBackend(host)
             return self._remote[host.name]
 
+    def reached(self, name: str) -> bool:
+        """Whether this command made a backend for the remote host `name`."""
+        with self._lock:
+            return name in self._remote
+
 
 def run_dir(deployment: str, host: HostRecord) -> str:
     if host.local:
@@ -192,10 +203,11 @@ def up(
             state.save(st)
         else:
             state.remove(plan.name)  # nothing runs yet: the first start writes the state
+        secret = _deployment_secret(plan.name, reuse=bool(st.processes))
         started: list[ProcRecord] = []
         try:
             for level in levels(to_start):
-                recs = _start_level(st, level, hosts, hashes, backends, started, report)
+                recs = _start_level(st, level, hosts, hashes, backends, started, report, secret)
                 _wait_healthy(recs, backends, hosts, timeout_s, report)
         except BaseException as e:
             if started:
@@ -208,11 +220,49 @@ def up(
                     raise
             if not st.processes:
                 state.remove(plan.name)
+                _forget_secret(st, started, backends, report)
             raise
         result.started = [r.name for r in started]
         result.proxy_url = _proxy_url(st)
         result.seconds = time.monotonic() - t0
         return result
+
+
+def _deployment_secret(name: str, reuse: bool) -> str:
+    """The path of the deployment's secret file: a new secret when nothing of the deployment runs (a
+    fresh start never inherits an old key), the existing one while some process does."""
+    path = state.secret_path(name)
+    state.ensure_deployment_dir(name)
+    if not reuse:
+        return str(DeploymentKey.generate().write(path))
+    if not path.exists():
+        raise LaunchError(
+            f"deployment {name} is running without its secret file {path} (started by an older "
+            "disaggctl, or the file was removed): run `disaggctl down`, then `up` again"
+        )
+    try:
+        DeploymentKey.read(path)  # refuses a file that others can read, or that holds no key
+    except AuthError as e:
+        raise LaunchError(str(e)) from e
+    return str(path)
+
+
+def _forget_secret(st: DeploymentState, recs: list[ProcRecord], backends: Backends, report: Report) -> None:
+    """Remove the secret and its copies on remote hosts. Best effort: a copy that cannot be removed is
+    reported, and the processes are stopped already, which is what matters."""
+    state.remove_secret(st.name)
+    by_host: dict[str, list[ProcRecord]] = {}
+    for rec in recs:
+        by_host.setdefault(rec.host, []).append(rec)
+    for host in st.hosts:
+        # a host this command never reached holds no copy from it, and may be the unreachable one
+        if host.local or not (host.name in by_host or backends.reached(host.name)):
+            continue
+        backend = backends.get(host)
+        try:
+            backend.remove_private_files(by_host.get(host.name, []))
+        except Exception as e:
+            report("-", f"host {host.name}: could not remove the secret's copy: {_describe(e)}")
 
 
 def _proxy_url(st: DeploymentState) -> str | None:
@@ -239,6 +289,7 @@ def _start_level(
     backends: Backends,
     started: list[ProcRecord],
     report: Report,
+    secret_file: str,
 ) -> list[ProcRecord]:
     lock = threading.Lock()
 
@@ -246,7 +297,7 @@ def _start_level(
         host = hosts[spec.host]
         report(spec.name, "starting")
         try:
-            rec = backends.get(host).start(spec, run_dir(st.name, host))
+            rec = backends.get(host).start(spec, run_dir(st.name, host), secret_file=secret_file)
         except Exception as e:
             raise LaunchError(f"{spec.name}: {_describe(e)}", process=spec.name) from e
         rec = rec.model_copy(
@@ -368,11 +419,13 @@ def down(name: str, *, grace_s: float = DEFAULT_GRACE_S, report: Report = _quiet
         if st is None:
             raise state.NoDeployment(f"no deployment named {name!r}")
         backends = Backends()
+        recs = list(st.processes)
         try:
-            outcomes = _stop_all(st, list(st.processes), backends, grace_s, report)
+            outcomes = _stop_all(st, recs, backends, grace_s, report)
         finally:
             if not st.processes:
                 state.remove(name)
+                _forget_secret(st, recs, backends, report)
         return outcomes
 
 

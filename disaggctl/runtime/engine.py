@@ -16,7 +16,9 @@ Modes, all behaviours of this one engine:
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import socket
 import threading
 import uuid
 from collections import deque
@@ -25,17 +27,21 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from disaggctl.runtime.attention import SeqSlice, build_meta
 from disaggctl.runtime.config import ConfigError, EngineConfig, ModelConfig
-from disaggctl.runtime.kv_cache import KVCache
-from disaggctl.runtime.loader import load_model
+from disaggctl.runtime.model_runner import ModelRunner, StepBatch, TransferSettings
+from disaggctl.runtime.parallel import (
+    TensorParallel,
+    check_divisible,
+    destroy_process_group,
+    init_process_group,
+)
 from disaggctl.runtime.sampling import SamplingParams, make_generator, sample
 from disaggctl.runtime.scheduler import Scheduler, Sequence, Status
+from disaggctl.runtime.tp_worker import Ranks, worker_spec
 
 log = logging.getLogger("disaggctl.runtime.engine")
 
 MODES = ("normal", "prefill_only", "remote_kv")
-CPU_KV_BYTES_CAP = 4 << 30  # the CPU pool is sized for the batch, capped here, unless max_pages says
 
 
 @dataclass
@@ -67,7 +73,10 @@ class Request:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    """Rank 0 of a server: the command queue, the modes and the step loop over a `ModelRunner` (and, with
+    tensor parallelism, the other ranks' runners, which follow its steps)."""
+
+    def __init__(self, config: EngineConfig, transfer: TransferSettings | None = None):
         config.validate()
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
@@ -76,16 +85,29 @@ class Engine:
         max_len = config.max_model_len or mc.max_position_embeddings
         if mc.sliding_window:
             max_len = min(max_len, mc.sliding_window)
-        self.model = load_model(config.model, self.dtype, self.device, mc)
-        num_pages = config.max_pages or self._default_pages(config, max_len)
-        self.kv_cache = KVCache(
-            mc.num_layers, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
-        )
-        self.config = replace(config, max_model_len=max_len, max_pages=num_pages)
+        why = check_divisible(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, config.tp_size)
+        if why:
+            raise ConfigError(f"{config.model}: cannot split over {config.tp_size} ranks: {why}")
+        tp = TensorParallel(0, config.tp_size)
+        self.runner = ModelRunner(config, mc, self.device, self.dtype, max_len, tp)
+        self.model = self.runner.model
+        self.kv_cache = self.runner.kv_cache
+        self.config = replace(config, max_model_len=max_len, max_pages=self.kv_cache.num_pages)
+        self.ranks: Ranks | None = None
+        self._writer = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kv-write")
+        try:
+            if tp.enabled:
+                self._start_ranks(tp, max_len, transfer)
+            if transfer is not None:
+                self.runner.attach_agent(transfer)
+            # every rank's KV pool, rank order: where a peer writes (or reads) this server's KV
+            self.pools = [self.runner.pool()] + (self.ranks.wait_ready() if self.ranks else [])
+        except BaseException:
+            self._close_ranks()
+            raise
         self.scheduler = Scheduler(
             self.kv_cache.allocator, config.page_size, config.max_batch, config.chunk_size
         )
-        self.scale = mc.head_dim**-0.5
         self.seqs: dict[str, Sequence] = {}
         self._commands: deque = deque()
         self._wake = threading.Condition()
@@ -94,30 +116,22 @@ class Engine:
         self._seed_source = torch.Generator().manual_seed(config.seed)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "step_errors": 0}
 
-    def _default_pages(self, config: EngineConfig, max_len: int) -> int:
-        mc = self.model_config
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_page = KVCache.page_bytes_all_layers(
-            mc.num_layers, config.page_size, mc.num_kv_heads, mc.head_dim, itemsize
+    def _start_ranks(self, tp: TensorParallel, max_len: int, transfer: TransferSettings | None) -> None:
+        with socket.socket() as s:  # the rendezvous port: free now, taken by the store right below
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        spec = worker_spec(
+            self.config, tp.size, self.kv_cache.num_pages, max_len, port, transfer, self.config.dist_timeout_s
         )
-        if self.device.startswith("cuda"):
-            free, _total = torch.cuda.mem_get_info(torch.device(self.device))
-            # leave room for activations of a full chunk and the logits of a full batch
-            headroom = 4 * config.chunk_size * mc.hidden_size * 16 + config.max_batch * mc.vocab_size * 8
-            budget = int(max(free - headroom, 0) * config.memory_fraction)
-        else:
-            import psutil
+        self.ranks = Ranks.spawn(spec, tp.size)
+        init_process_group(tp, "127.0.0.1", port, self.device, self.config.dist_timeout_s)
+        log.info("tensor parallel: %d ranks, KV heads %d per rank", tp.size, self.kv_cache.num_kv_heads)
 
-            budget = min(int(psutil.virtual_memory().available * 0.25), CPU_KV_BYTES_CAP)
-            want = config.max_batch * (-(-max_len // config.page_size)) + 1
-            budget = min(budget, want * per_page)
-        pages = budget // per_page
-        if pages < -(-max_len // config.page_size):
-            raise ConfigError(
-                f"not enough memory for a KV pool holding one {max_len}-token request "
-                f"({pages} pages of {per_page} bytes fit); lower max_model_len or set max_pages"
-            )
-        return int(pages)
+    def _close_ranks(self) -> None:
+        if self.ranks is not None:
+            self.ranks.close()
+        self.runner.close()
+        destroy_process_group()
 
     # ---- thread-safe API ----
 
@@ -179,9 +193,23 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        self._writer.shutdown(wait=True)
+        self._close_ranks()
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        ranks_ok = self.ranks is None or self.ranks.death is None
+        return self._thread is not None and self._thread.is_alive() and ranks_ok
+
+    def failure(self) -> str | None:
+        """Why this server cannot serve any more (a rank died), or None."""
+        return self.ranks.death if self.ranks is not None else None
+
+    def write_kv(self, rank: int, session_id: str, srcs, dsts, lens) -> concurrent.futures.Future:
+        """Have `rank` write from its KV pool into a peer's (the PD hand-off); thread-safe. The future ends
+        with None or raises with the reason."""
+        if rank == 0:
+            return self._writer.submit(self.runner.write, session_id, srcs, dsts, lens)
+        return self.ranks.write(rank, session_id, srcs, dsts, lens)
 
     def _command(self, cmd: tuple) -> None:
         with self._wake:
@@ -242,21 +270,16 @@ class Engine:
             start = seq.num_computed
             ids += seq.tokens[start : start + n]
             positions += range(start, start + n)
-            slices.append(SeqSlice(q_len=n, kv_len=start + n, pages=seq.pages))
+            slices.append((n, start + n, list(seq.pages)))
             if start + n == len(seq.tokens):
                 logit_rows.append(len(ids) - 1)
                 samplers.append(seq)
-        dev = self.device
-        meta = build_meta(slices, self.kv_cache.page_size, self.scale, dev)
         if not logit_rows:  # only partial prefill chunks: no logits needed, but the KV still is
             logit_rows = [len(ids) - 1]
-        logits = self.model(
-            torch.tensor(ids, device=dev),
-            torch.tensor(positions, device=dev),
-            self.kv_cache.tensor,
-            meta,
-            torch.tensor(logit_rows, device=dev),
-        )
+        batch = StepBatch(ids, positions, slices, logit_rows)
+        if self.ranks is not None:
+            self.ranks.step(batch)  # the other ranks run the same step and meet us in its all-reduces
+        logits = self.runner.forward(batch)
         return logits[: len(samplers)], samplers
 
     def _on_sample(self, seq: Sequence, token: int, logprob: float) -> None:

@@ -110,42 +110,76 @@ class PageAllocator:
 
 
 class KVCache:
-    """The pool tensor plus its allocator."""
+    """The page pool of one rank: the only place that knows its shape.
 
-    def __init__(self, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype, device):
+    One contiguous tensor `[num_layers, 2, num_pages, page_size, kv_heads, head_dim]`: page p of (layer, k/v)
+    starts at `base_ptr + ((layer * 2 + k_or_v) * num_pages + p) * page_bytes` (what `layout()` tells a
+    peer), and token slot `s` of a layer is `page * page_size + offset`. With tensor parallelism a rank holds
+    heads `head_start .. head_start + kv_heads - 1` of every page; page ids are the same on every rank.
+    """
+
+    def __init__(
+        self, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype, device, head_start: int = 0
+    ):
         import torch
 
         self.tensor = torch.zeros(
             (num_layers, 2, num_pages, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
         self.page_size = page_size
+        self.head_start = head_start
         self.allocator = PageAllocator(num_pages)
 
     @property
     def num_pages(self) -> int:
         return self.allocator.num_pages
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.tensor.shape[4]
+
+    @property
+    def head_bytes(self) -> int:
+        """Bytes of one head of one token in one (layer, k/v) page."""
+        return self.tensor.shape[5] * self.tensor.element_size()
+
+    def k(self, layer: int):
+        """Keys of one layer: [num_pages, page_size, kv_heads, head_dim]."""
+        return self.tensor[layer, 0]
+
+    def v(self, layer: int):
+        return self.tensor[layer, 1]
+
     @staticmethod
     def page_bytes_all_layers(num_layers, page_size, num_kv_heads, head_dim, itemsize) -> int:
         return num_layers * 2 * page_size * num_kv_heads * head_dim * itemsize
 
-    def layout(self) -> dict:
-        """What a peer needs to address pages: page p of (layer, k_or_v) starts at
-        `base_ptr + ((layer * 2 + k_or_v) * num_pages + p) * page_bytes`."""
+    def layout(self):
+        """Where this pool lives, for a peer that writes into it (`transfer.kv_layout.KvLayout`)."""
+        from disaggctl.transfer.kv_layout import KvLayout
+
+        return KvLayout.from_tensor(self.tensor)
+
+    def describe(self) -> dict:
+        """The layout plus what it does not carry (heads, dtype, device), for logs and /server_info."""
         t = self.tensor
-        layers, _, pages, page_size, heads, dim = t.shape
         return {
-            "base_ptr": t.data_ptr(),
-            "num_layers": layers,
-            "num_pages": pages,
-            "page_size": page_size,
-            "page_bytes": page_size * heads * dim * t.element_size(),
-            "num_kv_heads": heads,
-            "head_dim": dim,
+            **self.layout().to_dict(),
+            "num_kv_heads": self.num_kv_heads,
+            "head_start": self.head_start,
+            "head_dim": t.shape[5],
             "dtype": str(t.dtype).removeprefix("torch."),
             "device": str(t.device),
             "total_bytes": t.numel() * t.element_size(),
         }
 
-    def pages_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages that `num_tokens` tokens occupy."""
+        return pages_for(num_tokens, self.page_size)
+
+    pages_needed = pages_for
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages that `num_tokens` tokens occupy at `page_size` tokens a page (the one ceil-division)."""
+    return -(-num_tokens // page_size)

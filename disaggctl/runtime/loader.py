@@ -9,6 +9,7 @@ import torch
 
 from disaggctl.runtime.config import ConfigError, ModelConfig
 from disaggctl.runtime.models import model_class
+from disaggctl.runtime.parallel import TensorParallel, shard
 
 # Buffers some checkpoints carry that the runtime recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -32,14 +33,22 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: str, cfg: ModelConfig | None = None):
-    """The model with its weights, cast to `dtype`, on `device`, in eval mode."""
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype,
+    device: str,
+    cfg: ModelConfig | None = None,
+    tp: TensorParallel | None = None,
+):
+    """The model (this rank's shard of it with tensor parallelism) with its weights, cast to `dtype`, on
+    `device`, in eval mode. Each rank reads only its slices of the split tensors."""
     from safetensors import safe_open
 
     path = Path(path)
     cfg = cfg or ModelConfig.from_hf_dir(path)
+    tp = tp or TensorParallel()
     with torch.device("meta"):
-        model = model_class(cfg)(cfg)
+        model = model_class(cfg)(cfg, tp)
     wanted = dict(model.state_dict())
     if cfg.tie_word_embeddings:
         wanted.pop("lm_head.weight")
@@ -53,7 +62,12 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str, cfg: ModelConf
                 if name not in wanted:
                     unexpected.append(name)
                     continue
-                t = f.get_tensor(name)
+                piece = f.get_slice(name)
+                full = tuple(piece.get_shape())
+                try:
+                    t = shard(name, piece, full, tp)
+                except ValueError as e:
+                    raise ConfigError(f"{file.name}: {e}") from e
                 if tuple(t.shape) != tuple(wanted[name].shape):
                     raise ConfigError(
                         f"{file.name}: {name} has shape {tuple(t.shape)}, the config implies "

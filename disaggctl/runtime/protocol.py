@@ -238,8 +238,8 @@ def _rid(v: Any) -> str | None:
     if v is None:
         return None
     rid = _str("rid", v)
-    if not rid or len(rid) > 256:
-        raise InvalidRequest("'rid' must be a non-empty string of at most 256 characters")
+    if not rid or len(rid) > 256 or not rid.isprintable():  # streams write it as UTF-8; logs show it
+        raise InvalidRequest("'rid' must be a non-empty string of at most 256 printable characters")
     return rid
 
 

@@ -2,7 +2,7 @@
 
 A role turns a `Job` (prompt ids, sampling, rid, the request body) into a stream of `TokenEvent`s. The
 engine calls back on its own thread; `EngineStream` carries those calls onto the event loop, so the loop
-never blocks on the engine. New roles (prefill, decode) register in `ROLES` beside `colocated`.
+never blocks on the engine. Roles are registered by name in `registry.py`.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ class Role:
         self.engine.stop()
 
 
-def make_engine(args, model_dir: str):
-    """The engine for a server's command line (not started)."""
+def make_engine(args, model_dir: str, transfer=None):
+    """The engine for a server's command line (not started); `transfer`: the ranks' Mooncake settings
+    (`model_runner.TransferSettings`) for the PD roles."""
     from disaggctl.runtime.config import EngineConfig
     from disaggctl.runtime.engine import Engine
 
@@ -95,9 +96,11 @@ def make_engine(args, model_dir: str):
         "max_batch": args.max_batch,
         "chunk_size": args.chunk_size,
         "max_model_len": args.max_model_len,
+        "tp_size": getattr(args, "tp_size", None),
     }
     # Options left out on the command line take the engine's defaults.
-    return Engine(EngineConfig(model=model_dir, **{k: v for k, v in given.items() if v is not None}))
+    config = EngineConfig(model=model_dir, **{k: v for k, v in given.items() if v is not None})
+    return Engine(config, transfer=transfer)
 
 
 def engine_alive(engine) -> bool:
@@ -179,16 +182,3 @@ class ColocatedRole(Role):
         finally:
             if not finished:  # the client went away or the server is stopping
                 self.abort(job.rid)
-
-
-ROLES: dict[str, type[Role]] = {"colocated": ColocatedRole}
-
-
-def _register_pd_roles() -> None:
-    # Imported here: the PD roles build on this module's Role.
-    from disaggctl.runtime.disagg import DecodeRole, PrefillRole
-
-    ROLES.update(prefill=PrefillRole, decode=DecodeRole)
-
-
-_register_pd_roles()

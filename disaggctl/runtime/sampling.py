@@ -35,7 +35,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # Below 1e-5 (as in vLLM; SGLang: 1e-6) sampling is argmax but for ties, and dividing the logits by
+        # a tiny temperature overflows them to inf: NaN probabilities, an engine error.
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 def make_generator(seed: int, device) -> torch.Generator:

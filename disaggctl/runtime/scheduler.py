@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from disaggctl.runtime.kv_cache import PageAllocator
+from disaggctl.runtime.kv_cache import PageAllocator, pages_for
 from disaggctl.runtime.sampling import SamplingParams
 
 
@@ -74,7 +74,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def pages_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return pages_for(num_tokens, self.page_size)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING

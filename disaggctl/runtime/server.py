@@ -70,6 +70,9 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument(
+        "--tp-size", type=int, default=1, help="tensor-parallel ranks (one process each; rank 0 serves HTTP)"
+    )
+    ap.add_argument(
         "--drain-timeout", type=float, default=DEFAULT_DRAIN_S, help="seconds to finish requests on stop"
     )
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -109,7 +112,7 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(f"--port must be in 1..65535, got {args.port}")
     if getattr(args, "bootstrap_port", None) is not None and not 0 < args.bootstrap_port < 65536:
         ap.error(f"--bootstrap-port must be in 1..65535, got {args.bootstrap_port}")
-    for name in ("page_size", "max_pages", "max_batch", "chunk_size", "max_model_len"):
+    for name in ("page_size", "max_pages", "max_batch", "chunk_size", "max_model_len", "tp_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -210,8 +213,9 @@ async def health(request: web.Request) -> web.Response:
     st: ServerState = request.app[STATE]
     if st.ready():
         return web.json_response({"status": "ok"})
+    failure = getattr(st.role.engine, "failure", lambda: None)() if st.role is not None else None
     reason = st.load_error or (
-        "stopping" if st.stopping else "loading" if st.role is None else "engine stopped"
+        "stopping" if st.stopping else "loading" if st.role is None else failure or "engine stopped"
     )
     return web.json_response({"status": reason}, status=503)
 
@@ -604,11 +608,16 @@ def load(st: ServerState, model_dir: str):
 
     Returns the role; the caller starts it on the event loop and only then publishes it as `st.role`,
     so /health says ok only once the role can take requests."""
-    from disaggctl.runtime.roles import ROLES, make_engine
+    from disaggctl.runtime.disagg import TransferConfig
+    from disaggctl.runtime.registry import ROLES
+    from disaggctl.runtime.roles import make_engine
     from disaggctl.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer(model_dir)
-    engine = make_engine(st.args, model_dir)
+    transfer = None
+    if st.role_name in ("prefill", "decode"):
+        transfer = TransferConfig.from_args(st.args).settings()
+    engine = make_engine(st.args, model_dir, transfer)
     engine.start()
     try:
         role = ROLES[st.role_name].create(engine, tok, st.args, key=st.key)
@@ -739,14 +748,23 @@ async def serve(
         print(f"error: {server.state.load_error}", file=sys.stderr)
         await server.stop(0.0)
         return 1
-    await stop_task
+    # A server whose engine died (a tensor-parallel rank exited, say) cannot serve again: stop, so that the
+    # launcher and the proxy see it gone, instead of answering 503 forever.
+    while not stop.is_set():
+        await asyncio.wait([stop_task], timeout=1.0)
+        st = server.state
+        if st.role is not None and not st.stopping and not st.role.alive() and not stop.is_set():
+            why = getattr(st.role.engine, "failure", lambda: None)() or "the engine stopped"
+            print(f"error: {why}; shutting down", file=sys.stderr)
+            await server.stop(0.0)
+            return 1
     log.info("stopping: draining for up to %.1fs", args.drain_timeout)
     await server.stop(args.drain_timeout)
     return 0
 
 
 def main(role: str, argv: list[str]) -> int:
-    from disaggctl.runtime.roles import ROLES
+    from disaggctl.runtime.registry import ROLES
 
     if role not in ROLES:
         print(

@@ -164,6 +164,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Like `transformers`' `tokenizer(text)`: the tokenizer's own post-processor adds BOS if it should."""
+        if not text.isascii():
+            text.encode()  # a lone surrogate ("\ud800" is valid JSON): a ValueError, not tokenizers' TypeError
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from disaggctl.transfer.kv_layout import KvLayout
+from disaggctl.transfer.kv_layout import KvLayout, RankPool, pools_incompatibility
 from disaggctl.trust import HEADER, AuthError, DeploymentKey
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class DecodeRegistration:
     page_ids: list[int]
     prompt_len: int
     decode: str | None = None  # the plan's name of the decode, once the prefill has resolved the session
+    pools: list[RankPool] = field(default_factory=list)  # what that decode announced: where to write
     # Set when the decode side is gone or the room failed: the prefill should stop and free its pages.
     gone: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
     gone_reason: str | None = field(default=None, compare=False)
@@ -175,17 +176,18 @@ class DecodeDirectory:
         self.peers = dict(peers)
         self.key = key
         self.fetch_timeout_s = fetch_timeout_s
-        self._known: dict[str, tuple[str, KvLayout]] = {}
+        self._known: dict[str, tuple[str, list[RankPool]]] = {}
         self._refresh: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def announce(self, name: str, session_id: str, layout: KvLayout) -> None:
-        """Record what decode `name` said about itself (what a fetch does; also for in-process use)."""
+    def announce(self, name: str, pools: list[RankPool]) -> None:
+        """Record what decode `name` said about itself: its ranks' pools, rank 0 first, whose session names
+        the decode (what a fetch does; also for in-process use)."""
         self._known = {s: v for s, v in self._known.items() if v[0] != name}
-        self._known[session_id] = (name, layout)
+        self._known[pools[0].session_id] = (name, list(pools))
 
-    async def resolve(self, session_id: str) -> tuple[str, KvLayout]:
-        """(decode name, its announced layout) for a session this deployment started. KeyError otherwise."""
+    async def resolve(self, session_id: str) -> tuple[str, list[RankPool]]:
+        """(decode name, its announced rank pools) for a session this deployment started. KeyError otherwise."""
         if session_id not in self._known:
             if self._refresh is None or self._refresh.done():
                 self._refresh = asyncio.ensure_future(self._fetch_all())
@@ -213,9 +215,9 @@ class DecodeDirectory:
             if isinstance(result, BaseException):
                 log.warning("decode %s at %s did not announce its KV pool: %s", name, url, result)
             else:
-                self.announce(name, *result)
+                self.announce(name, result)
 
-    async def _fetch(self, name: str, url: str) -> tuple[str, KvLayout]:
+    async def _fetch(self, name: str, url: str) -> list[RankPool]:
         limits = aiohttp.ClientTimeout(total=self.fetch_timeout_s)
         headers = self.key.headers("GET", LAYOUT_PATH)
         async with self._session.get(url.rstrip("/") + LAYOUT_PATH, headers=headers, timeout=limits) as r:
@@ -223,13 +225,18 @@ class DecodeDirectory:
             if r.status != 200:
                 raise RuntimeError(f"answered {r.status}: {body[:200]!r}")
             self.key.verify_answer(LAYOUT_PATH, r.status, body, r.headers.get(HEADER))
-        data = json.loads(body)
-        return _session_id(data.get("session_id")), KvLayout.from_dict(data.get("layout"))
+        ranks = json.loads(body).get("ranks")
+        if not isinstance(ranks, list) or not ranks or len(ranks) > 1024:
+            raise ValueError("the announcement has no list of rank pools")
+        pools = [RankPool.from_dict(r) for r in ranks]
+        for pool in pools:
+            _session_id(pool.session_id)
+        return pools
 
 
-def layout_announcement(key: DeploymentKey, session_id: str, layout: KvLayout) -> tuple[bytes, dict]:
-    """The body and headers a decode answers `GET /internal/kv_layout` with (signed)."""
-    body = json.dumps({"session_id": session_id, "layout": layout.to_dict()}).encode()
+def layout_announcement(key: DeploymentKey, pools: list[RankPool]) -> tuple[bytes, dict]:
+    """The body and headers a decode answers `GET /internal/kv_layout` with (signed): every rank's pool."""
+    body = json.dumps({"ranks": [p.to_dict() for p in pools]}).encode()
     return body, {HEADER: key.sign_answer(LAYOUT_PATH, 200, body), "Content-Type": "application/json"}
 
 
@@ -261,6 +268,7 @@ class PrefillBootstrap:
         host: str = "127.0.0.1",
         port: int = 0,
         layout: KvLayout | None = None,
+        pools: list[RankPool] | None = None,
         bootstrap_timeout_s: float = 60.0,
         transfer_timeout_s: float = 60.0,
         replay_window_s: float = 600.0,
@@ -274,6 +282,7 @@ class PrefillBootstrap:
         self.host = host
         self.port = port
         self.layout = layout
+        self.pools = pools
         self.bootstrap_timeout_s = bootstrap_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self.replay_window_s = replay_window_s
@@ -494,14 +503,18 @@ class PrefillBootstrap:
             self.refused["unknown_session"] += 1
             message = f"session {registration.session_id} is not a decode this deployment started"
             return self._error(request, message, "unknown_session", 403)
-        if registration.layout != announced:
+        if registration.layout != announced[0].layout:
             message = f"the registration's KV layout is not the one decode {name} announced"
             return self._error(request, message, "invalid_request", 400)
-        reason = self.layout.incompatibility(announced) if self.layout else None
+        if self.pools:
+            reason = pools_incompatibility(self.pools, announced)
+        else:
+            reason = self.layout.incompatibility(announced[0].layout) if self.layout else None
         if reason:
             message = f"decode {name}'s KV layout is incompatible with this prefill: {reason}"
             return self._error(request, message, "invalid_request", 400)
         registration.decode = name
+        registration.pools = announced
         if self._rooms.get(room) is not entry or (entry is not None and entry.registration is not None):
             # The room changed while we looked the session up: a concurrent registration won, or it finished.
             message = f"room {room} was registered or finished meanwhile"
@@ -570,7 +583,7 @@ class DecodeBootstrapClient:
         connect_timeout_s: float = 5.0,
         heartbeat_s: float = 5.0,
         heartbeat_misses: int = 2,
-        cancel_timeout_s: float = 10.0,
+        cancel_timeout_s: float = 5.0,
     ):
         self.key = key
         self.connect_timeout_s = connect_timeout_s

@@ -177,3 +177,125 @@ def kv_write_batches(
         srcs.reshape(-1), dsts.reshape(-1), np.ascontiguousarray(lens).reshape(-1)
     )
     return srcs.tolist(), dsts.tolist(), lens.tolist()
+
+
+@dataclass(frozen=True)
+class RankPool:
+    """One tensor-parallel rank's KV pool as a peer sees it: its Mooncake session, its layout, and which KV
+    heads its pages hold (`head_start .. head_start + num_heads - 1`, `head_bytes` each per token)."""
+
+    session_id: str
+    layout: KvLayout
+    head_start: int
+    num_heads: int
+    head_bytes: int
+
+    def __post_init__(self) -> None:
+        for name in ("head_start", "num_heads", "head_bytes"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if name == "head_start" else 1)
+            ):
+                raise ValueError(
+                    f"rank pool field {name} must be a {'non-negative' if name == 'head_start' else 'positive'} integer, got {value!r}"
+                )
+        if self.num_heads * self.head_bytes != self.layout.token_bytes:
+            raise ValueError(
+                f"{self.num_heads} heads of {self.head_bytes} bytes do not make the layout's "
+                f"{self.layout.token_bytes} bytes per token"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "layout": self.layout.to_dict(),
+            "head_start": self.head_start,
+            "num_heads": self.num_heads,
+            "head_bytes": self.head_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RankPool:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"rank pool must be an object, got {type(data).__name__}")
+        session = data.get("session_id")
+        if not isinstance(session, str) or len(session) > 300:
+            raise ValueError(f"rank pool session_id must be a string, got {str(session)[:80]!r}")
+        return cls(
+            session,
+            KvLayout.from_dict(data.get("layout")),
+            data.get("head_start"),
+            data.get("num_heads"),
+            data.get("head_bytes"),
+        )
+
+
+def pools_incompatibility(src: Sequence[RankPool], dst: Sequence[RankPool]) -> str | None:
+    """Why the KV of one server's ranks cannot be copied into another's, or None: same layers, page size
+    and bytes per head, and both sides' ranks together hold the same heads."""
+    for side, pools in (("source", src), ("destination", dst)):
+        if not pools:
+            return f"the {side} has no KV pool"
+        covered = sorted((p.head_start, p.num_heads) for p in pools)
+        start = 0
+        for head_start, n in covered:
+            if head_start != start:
+                return f"the {side} ranks' KV heads do not cover 0..N-1 without gaps"
+            start += n
+    heads = {side: sum(p.num_heads for p in pools) for side, pools in (("src", src), ("dst", dst))}
+    if heads["src"] != heads["dst"]:
+        return f"KV heads differ: {heads['src']} vs {heads['dst']}"
+    a, b = src[0], dst[0]
+    for name in ("num_layers", "page_size"):
+        if getattr(a.layout, name) != getattr(b.layout, name):
+            return f"{name} differs: {getattr(a.layout, name)} vs {getattr(b.layout, name)}"
+    if a.head_bytes != b.head_bytes:
+        return f"bytes per head differ (dtype or head_dim): {a.head_bytes} vs {b.head_bytes}"
+    return None
+
+
+def rank_write_batches(
+    src: RankPool, src_pages: Sequence[int], dst: RankPool, dst_pages: Sequence[int], num_tokens: int
+) -> tuple[list[int], list[int], list[int]]:
+    """The write that copies the KV heads `src` and `dst` share, for `num_tokens` tokens; empty when they
+    share none. Equal head ranges copy whole pages (merged runs); different ones copy each token's share of
+    heads, which no two tokens have contiguous on both sides."""
+    lo = max(src.head_start, dst.head_start)
+    hi = min(src.head_start + src.num_heads, dst.head_start + dst.num_heads)
+    if lo >= hi:
+        return [], [], []
+    if (src.head_start, src.num_heads) == (dst.head_start, dst.num_heads):
+        return kv_write_batches(src.layout, src_pages, dst.layout, dst_pages, num_tokens)
+    s_lay, d_lay = src.layout, dst.layout
+    src_arr = _page_array(src_pages, s_lay, "source")
+    dst_arr = _page_array(dst_pages, d_lay, "destination")
+    if src_arr.size != dst_arr.size or not src_arr.size * s_lay.page_size >= num_tokens > 0:
+        raise ValueError(
+            f"{num_tokens} tokens do not fit {src_arr.size} source / {dst_arr.size} destination pages"
+        )
+    tokens = np.arange(num_tokens, dtype=np.int64)
+    page_idx, offset = tokens // s_lay.page_size, tokens % s_lay.page_size
+    slabs = np.arange(s_lay.num_layers * 2, dtype=np.int64)[:, None]
+    srcs = (
+        s_lay.base_ptr
+        + slabs * s_lay.slab_bytes
+        + (
+            src_arr[page_idx] * s_lay.page_bytes
+            + offset * s_lay.token_bytes
+            + (lo - src.head_start) * src.head_bytes
+        )[None, :]
+    )
+    dsts = (
+        d_lay.base_ptr
+        + slabs * d_lay.slab_bytes
+        + (
+            dst_arr[page_idx] * d_lay.page_bytes
+            + offset * d_lay.token_bytes
+            + (lo - dst.head_start) * dst.head_bytes
+        )[None, :]
+    )
+    lens = np.full(srcs.size, (hi - lo) * src.head_bytes, dtype=np.int64)
+    srcs, dsts, lens = _join_adjacent(srcs.reshape(-1), dsts.reshape(-1), lens)
+    return srcs.tolist(), dsts.tolist(), lens.tolist()

@@ -15,6 +15,7 @@ from torch import nn
 
 from disaggctl.runtime.attention import AttentionMeta, paged_attention, store_kv
 from disaggctl.runtime.config import ModelConfig
+from disaggctl.runtime.parallel import TensorParallel
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -118,10 +119,24 @@ def fuse_linears(*layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
     return weight, bias
 
 
+def row_parallel(layer: nn.Linear, x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """`layer(x)` for a layer whose input columns are split over ranks: partial products summed over ranks,
+    the bias added once, after the sum."""
+    if not tp.enabled:
+        return layer(x)
+    out = tp.all_reduce(F.linear(x, layer.weight))
+    return out if layer.bias is None else out + layer.bias
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Self-attention over this rank's heads (all of them without tensor parallelism)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.tp = tp
+        self.heads = tp.split(cfg.num_heads, "num_attention_heads")
+        self.kv_heads = tp.split(cfg.num_kv_heads, "num_key_value_heads")
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
@@ -149,15 +164,17 @@ class Attention(nn.Module):
             q, k = qk[:, :h], qk[:, h:]
         store_kv(k_cache, v_cache, k, v, meta)
         o = paged_attention(q, k_cache, v_cache, meta)
-        return self.o_proj(o.reshape(n, self.heads * self.head_dim))
+        return row_parallel(self.o_proj, o.reshape(n, self.heads * self.head_dim), self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.tp = tp
+        inter = tp.split(cfg.intermediate_size, "intermediate_size")
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by `fuse`
 
     def fuse(self) -> None:
@@ -165,16 +182,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            act = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return row_parallel(self.down_proj, act, self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, tp)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -184,18 +203,19 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.tp = tp or TensorParallel()
+        self.model = Backbone(cfg, self.tp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         inv_freq, self.rope_factor = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -230,16 +250,19 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_cache,
         meta: AttentionMeta,
-        logit_rows: torch.Tensor,
-    ) -> torch.Tensor:
-        """Logits (fp32, [len(logit_rows), vocab]) of the given rows; KV of every token goes to `kv_cache`."""
+        logit_rows: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Logits (fp32, [len(logit_rows), vocab]) of the given rows; KV of every token goes to `kv_cache`
+        (a `KVCache`). `logit_rows` None: the KV only (ranks that do not sample)."""
         if not self.fused:
             self.fuse_projections()
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+            h = layer(h, cos, sin, kv_cache.k(i), kv_cache.v(i), meta)
+        if logit_rows is None:
+            return None
         h = self.model.norm(h.index_select(0, logit_rows))
         return self.lm_head(h).float()

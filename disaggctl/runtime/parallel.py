@@ -12,6 +12,7 @@ Collectives run over `torch.distributed`: gloo on CPU, NCCL on CUDA.
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 
 import torch
@@ -83,9 +84,13 @@ def check_divisible(num_heads: int, num_kv_heads: int, intermediate_size: int, s
 
 def init_process_group(tp: TensorParallel, address: str, port: int, device: str, timeout_s: float) -> None:
     """Join the server's ranks (gloo on CPU, NCCL on CUDA). Every collective is bounded by `timeout_s`, so a
-    rank that dies fails its peers' next collective instead of hanging them."""
+    rank that dies fails its peers' next collective instead of hanging them. CPU ranks share the host's
+    cores: each takes its share of intra-op threads rather than all of them (N ranks x all cores would
+    oversubscribe and spin in each other's way)."""
     if not tp.enabled:
         return
+    if not device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
     if torch.distributed.is_initialized():
         raise RuntimeError("this process already has a tensor-parallel group (one engine per process)")
     backend = "nccl" if device.startswith("cuda") else "gloo"

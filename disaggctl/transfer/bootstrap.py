@@ -474,14 +474,20 @@ class PrefillBootstrap:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "open_rooms": len(self._rooms)})
 
-    async def _register(self, request: web.Request) -> web.Response:
+    async def _room_call(self, request: web.Request) -> tuple[int, bytes] | web.Response:
+        """(room, body) of an authentic call about a room; else the 4xx to answer with."""
         try:
             room = parse_room(request.match_info["room"])
         except ValueError as exc:
             return self._error(request, str(exc), "invalid_request", 400)
         raw = await self._authentic(request)
-        if isinstance(raw, web.Response):
-            return raw
+        return raw if isinstance(raw, web.Response) else (room, raw)
+
+    async def _register(self, request: web.Request) -> web.Response:
+        call = await self._room_call(request)
+        if isinstance(call, web.Response):
+            return call
+        room, raw = call
         self._forget_old()
         if room in self._finished:
             message = f"room {room} already finished ({self._finished[room][1]})"
@@ -546,13 +552,10 @@ class PrefillBootstrap:
 
     async def _cancel(self, request: web.Request) -> web.Response:
         """The decode gives up on a room: after this answer nothing of ours writes into its pages."""
-        try:
-            room = parse_room(request.match_info["room"])
-        except ValueError as exc:
-            return self._error(request, str(exc), "invalid_request", 400)
-        raw = await self._authentic(request)
-        if isinstance(raw, web.Response):
-            return raw
+        call = await self._room_call(request)
+        if isinstance(call, web.Response):
+            return call
+        room, _ = call
         if not self._fail(room, "the decode cancelled the room", 499) and room not in self._finished:
             self._remember(room, "cancelled by the decode")  # a late request for it must not pair
         write = self._writes.get(room)

@@ -278,24 +278,18 @@ def rank_write_batches(
     tokens = np.arange(num_tokens, dtype=np.int64)
     page_idx, offset = tokens // s_lay.page_size, tokens % s_lay.page_size
     slabs = np.arange(s_lay.num_layers * 2, dtype=np.int64)[:, None]
-    srcs = (
-        s_lay.base_ptr
-        + slabs * s_lay.slab_bytes
-        + (
-            src_arr[page_idx] * s_lay.page_bytes
-            + offset * s_lay.token_bytes
-            + (lo - src.head_start) * src.head_bytes
-        )[None, :]
-    )
-    dsts = (
-        d_lay.base_ptr
-        + slabs * d_lay.slab_bytes
-        + (
-            dst_arr[page_idx] * d_lay.page_bytes
-            + offset * d_lay.token_bytes
-            + (lo - dst.head_start) * dst.head_bytes
-        )[None, :]
-    )
+
+    def addresses(pool: RankPool, pages: np.ndarray) -> np.ndarray:
+        """[layers * 2, tokens]: where each token's shared heads start, per (layer, k/v)."""
+        lay = pool.layout
+        within = (
+            pages[page_idx] * lay.page_bytes
+            + offset * lay.token_bytes
+            + (lo - pool.head_start) * pool.head_bytes
+        )
+        return lay.base_ptr + slabs * lay.slab_bytes + within[None, :]
+
+    srcs, dsts = addresses(src, src_arr), addresses(dst, dst_arr)
     lens = np.full(srcs.size, (hi - lo) * src.head_bytes, dtype=np.int64)
     srcs, dsts, lens = _join_adjacent(srcs.reshape(-1), dsts.reshape(-1), lens)
     return srcs.tolist(), dsts.tolist(), lens.tolist()

@@ -133,7 +133,18 @@ def free_block(n: int) -> int:
 
 
 class Deployment:
-    def __init__(self, cli, home: Path, tmp: Path, model: str, prefills: int, decodes: int, timeout_s=10):
+    def __init__(
+        self,
+        cli,
+        home: Path,
+        tmp: Path,
+        model: str,
+        prefills: int,
+        decodes: int,
+        timeout_s=10,
+        decode_extra="",
+        proxy_extra="",
+    ):
         self.cli = cli
         self.env = {**os.environ, "DISAGGCTL_HOME": str(home)}
         self.proxy = f"http://127.0.0.1:{free_port()}"
@@ -147,8 +158,8 @@ hosts:
 transfer: {{protocol: tcp, timeout_s: {timeout_s}}}
 prefill: {{replicas: {prefills}, port: {free_block(prefills)}, bootstrap_port: {free_block(prefills)},
           page_size: {PAGE_SIZE}, chunk_size: {CHUNK}}}
-decode: {{replicas: {decodes}, port: {free_block(decodes)}, page_size: {PAGE_SIZE}}}
-proxy: {{host: local, port: {self.proxy.rsplit(":", 1)[1]}, policy: round_robin}}
+decode: {{replicas: {decodes}, port: {free_block(decodes)}, page_size: {PAGE_SIZE}{decode_extra}}}
+proxy: {{host: local, port: {self.proxy.rsplit(":", 1)[1]}, policy: round_robin{proxy_extra}}}
 """
         )
 
@@ -357,6 +368,7 @@ def test_prefill_frozen_then_killed(deploy):
         assert "error" in err
         # bounded by the decode's heartbeat on the prefill, well before any transfer timeout piles up
         assert elapsed < 45, elapsed
+
         # the decode gives back the pages of the failed hand-off: it asks the frozen prefill to cancel the
         # room, gets no proof that no write is under way, and quarantines them (never leaked, never reused)
         def settled():
@@ -413,3 +425,22 @@ def test_bogus_and_replayed_rooms_are_refused(deploy):
     assert time.monotonic() - t0 < 20
     for url in (prefill, decode):
         assert metrics(url)["kv_pages_used"] == 0
+
+
+def test_a_stream_waiting_for_its_kv_stays_alive_through_the_proxy(deploy):
+    """A decode's stream is silent until its KV arrives; keep-alive comments stop the proxy's idle timer from
+    cutting it, and a frozen prefill is still reported (by health checks), not waited on forever."""
+    d = deploy(1, 1, decode_extra=", extra_args: [--sse-keepalive, '0.3']", proxy_extra=", read_timeout_s: 1")
+    os.killpg(proc_pid(d, "prefill-0"), signal.SIGSTOP)
+    try:
+        body = json.dumps({**greedy(prompt(9, 5), 4), "stream": True}).encode()
+        req = urllib.request.Request(
+            d.proxy + "/generate", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
+            lines = [line.decode().strip() for line in r if line.strip()]
+    finally:
+        os.killpg(proc_pid(d, "prefill-0"), signal.SIGCONT)
+    comments = [line for line in lines if line.startswith(":")]
+    assert len(comments) >= 3, lines  # several read timeouts' worth of silence survived
+    assert "stopped answering health checks" in lines[-2] and lines[-1] == "data: [DONE]", lines

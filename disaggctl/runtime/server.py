@@ -39,6 +39,9 @@ log = logging.getLogger("disaggctl.runtime.server")
 
 # Seconds a stopping server waits for in-flight requests before aborting them.
 DEFAULT_DRAIN_S = 5.0
+# A decode's stream is silent until its KV arrives (pairing, a queued prefill, the transfer): a comment line
+# every so often tells the proxy and the client the server is alive (SSE clients ignore comments).
+SSE_KEEPALIVE_S = 15.0
 # The hard cap aiohttp enforces; once the model is loaded, `ServerState.max_body_bytes` (what its context
 # can use, as JSON) is the limit that applies.
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -74,6 +77,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--drain-timeout", type=float, default=DEFAULT_DRAIN_S, help="seconds to finish requests on stop"
+    )
+    ap.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=SSE_KEEPALIVE_S,
+        help="seconds of silence after which a stream gets an SSE comment (keeps proxies' idle timers quiet)",
     )
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     if role == "prefill":
@@ -118,6 +127,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if getattr(args, "transfer_timeout", 1.0) <= 0:
         ap.error("--transfer-timeout must be > 0")
+    if args.sse_keepalive <= 0:
+        ap.error("--sse-keepalive must be > 0")
     if getattr(args, "max_open_rooms", None) is not None and args.max_open_rooms < 1:
         ap.error("--max-open-rooms must be >= 1")
     from disaggctl.runtime.disagg import decode_peers, prefill_bootstraps
@@ -450,6 +461,31 @@ def _error_status(p: Progress) -> int:
     return 503 if p.finish_reason == "abort" and p.error is None else 500
 
 
+async def keepalive(events, interval_s: float):
+    """The items of `events`, and None each time `interval_s` passes without one."""
+    pending = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await events.aclose()
+
+
 async def _sse_start(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -497,8 +533,12 @@ async def _generate(request: web.Request) -> web.StreamResponse:
             )
         return web.json_response(body)
     resp = await _sse_start(request)
-    async with contextlib.aclosing(run_job(st, job)) as events:
-        async for p, _ in events:
+    async with contextlib.aclosing(keepalive(run_job(st, job), st.args.sse_keepalive)) as events:
+        async for item in events:
+            if item is None:
+                await resp.write(b": keep-alive\n\n")
+                continue
+            p, _ = item
             if p.error is not None:
                 await _sse(resp, error_body(p.error, 500, "engine_error"))
                 break
@@ -584,8 +624,12 @@ async def _openai(request: web.Request, parse) -> web.StreamResponse:
     if chat:
         await _sse(resp, chunk(None, None, first=True))
     p = Progress()
-    async with contextlib.aclosing(run_job(st, job)) as events:
-        async for p, delta in events:
+    async with contextlib.aclosing(keepalive(run_job(st, job), st.args.sse_keepalive)) as events:
+        async for item in events:
+            if item is None:
+                await resp.write(b": keep-alive\n\n")
+                continue
+            p, delta = item
             if p.error is not None:
                 await _sse(resp, error_body(p.error, 500, "engine_error"))
                 break

@@ -4,6 +4,7 @@ into the decode process's pool on the same GPU. Skipped where there is no CUDA d
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,17 +16,19 @@ from hf_reference import hf_greedy
 from test_pd_e2e import get_json, greedy, model_dir, post, prompt  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Started by hand, not by `up`: the deployment secret comes from the environment.
+ENV = {**os.environ, "DISAGGCTL_SECRET": "5e" * 32}
 
 
 class Procs:
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
 
-    def serve(self, role: str, model: str, dtype: str, *extra: str) -> str:
-        port = free_port()
+    def serve(self, role: str, model: str, dtype: str, *extra: str, port: int | None = None) -> str:
+        port = port or free_port()
         argv = [sys.executable, "-m", "disaggctl", "serve", role, "--model", model, "--device", "cuda"]
         argv += ["--dtype", dtype, "--port", str(port), "--page-size", "16", "--max-pages", "512", *extra]
-        self.procs.append(subprocess.Popen(argv))
+        self.procs.append(subprocess.Popen(argv, env=ENV))
         url = f"http://127.0.0.1:{port}"
 
         def healthy():
@@ -57,15 +60,33 @@ def procs():
 
 
 def pd(procs: Procs, model: str, dtype: str, protocol: str = "tcp") -> str:
-    boot = free_port()
+    boot, decode_port = free_port(), free_port()
+    peer = f"decode-0=http://127.0.0.1:{decode_port}"
     prefill = procs.serve(
-        "prefill", model, dtype, "--bootstrap-port", str(boot), "--transfer-protocol", protocol
+        "prefill",
+        model,
+        dtype,
+        "--bootstrap-port",
+        str(boot),
+        "--transfer-protocol",
+        protocol,
+        "--decode-peer",
+        peer,
     )
-    decode = procs.serve("decode", model, dtype, "--transfer-protocol", protocol)
+    decode = procs.serve(
+        "decode",
+        model,
+        dtype,
+        "--transfer-protocol",
+        protocol,
+        "--prefill-bootstrap",
+        f"127.0.0.1:{boot}",
+        port=decode_port,
+    )
     proxy_port = free_port()
     argv = [sys.executable, "-m", "disaggctl", "serve", "proxy", "--port", str(proxy_port)]
     argv += ["--prefill", prefill, "--bootstrap-port", str(boot), "--decode", decode]
-    procs.procs.append(subprocess.Popen(argv))
+    procs.procs.append(subprocess.Popen(argv, env=ENV))
     url = f"http://127.0.0.1:{proxy_port}"
     wait_for(lambda: _ok(url), 60, "the proxy")
     return url

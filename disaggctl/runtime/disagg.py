@@ -200,8 +200,8 @@ class PrefillRole(TransferRole):
         finally:
             if not pairing.done():
                 pairing.cancel()
-                with contextlib.suppress(BaseException):
-                    await pairing
+            with contextlib.suppress(BaseException):
+                await pairing  # retrieves a pairing failure we did not wait for (no "never retrieved")
             if not handed_off:
                 # Not prefilled yet: abort; prefilled but never written: the pages are held, free them.
                 if prefilled is None:

@@ -35,8 +35,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        # Below 1e-5 (as in vLLM; SGLang: 1e-6) sampling is argmax but for ties, and dividing the logits by
-        # a tiny temperature overflows them to inf: NaN probabilities, an engine error.
+        # Below 1e-5 (vLLM's bound; SGLang's is 1e-6) the distribution is practically one-hot, and dividing the
+        # logits by a far tinier temperature overflows them to inf: NaN probabilities, an engine error.
         return self.temperature < 1e-5 or self.top_k == 1
 
 
@@ -56,6 +56,7 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
+        drop[0] = False  # also when top_p rounds to 0 in the logits' dtype (5e-324 does in float32)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs

@@ -494,7 +494,11 @@ async def _sse_start(request: web.Request) -> web.StreamResponse:
 
 async def _sse(resp: web.StreamResponse, obj) -> None:
     data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
-    await resp.write(f"data: {data}\n\n".encode())
+    try:
+        line = f"data: {data}\n\n".encode()
+    except UnicodeEncodeError:  # a lone surrogate echoed from the request: escaped, the JSON stays valid
+        line = f"data: {json.dumps(obj)}\n\n".encode()
+    await resp.write(line)
 
 
 async def _guard(handler, request: web.Request) -> web.StreamResponse:

@@ -521,9 +521,11 @@ class PrefillBootstrap:
             return self._error(request, message, "invalid_request", 400)
         registration.decode = name
         registration.pools = announced
-        if self._rooms.get(room) is not entry or (entry is not None and entry.registration is not None):
-            # The room changed while we looked the session up: a concurrent registration won, or it finished.
-            message = f"room {room} was registered or finished meanwhile"
+        # Read the room again: while the session was looked up, the prefill's own request may have opened
+        # it (fine), or a concurrent registration won it, or it finished (not fine).
+        entry = self._rooms.get(room)
+        if entry is not None and entry.registration is not None:
+            message = f"room {room} was registered meanwhile"
             return self._error(request, message, "room_conflict", 409)
         if room in self._finished:
             message = f"room {room} already finished ({self._finished[room][1]})"

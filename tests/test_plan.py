@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from disaggctl.topology.load import TopologyError, load_topology
-from disaggctl.topology.plan import build_plan
+from disaggctl.topology.plan import build_plan, check_launchable
 
 HEAD = "name: t\nmodel: {path: builtin:tiny}\n"
 GPU_HOST = "hosts:\n  - {name: n0, address: 127.0.0.1, gpus: 8, nics: [mlx5_0, mlx5_1, mlx5_2, mlx5_3]}\n"
@@ -28,6 +28,14 @@ def rejected(tmp_path, text: str) -> list[str]:
     return str(exc.value).splitlines()
 
 
+def model_head(tmp_path, **config) -> str:
+    """A topology head whose model is a local directory with this config.json (the plan reads it)."""
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    return f"name: t\nmodel: {{path: {json.dumps(str(d))}}}\n"
+
+
 def line_no(text: str, needle: str) -> int:
     return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
 
@@ -45,7 +53,8 @@ def expected_nics(gpus: list[int], nics: list[str], host_gpus: int) -> list[str]
 
 
 def test_replicas_pack_consecutive_gpu_blocks_with_their_nics(tmp_path):
-    text = HEAD + GPU_HOST + "prefill: {replicas: 2, tp: 2}\ndecode: {replicas: 1, tp: 4}\n"
+    head = model_head(tmp_path, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256)
+    text = head + GPU_HOST + "prefill: {replicas: 2, tp: 2}\ndecode: {replicas: 1, tp: 4}\n"
     plan = plan_of(tmp_path, text)
     nics = ["mlx5_0", "mlx5_1", "mlx5_2", "mlx5_3"]
     offset = 0
@@ -439,3 +448,109 @@ def test_several_loopback_hosts_are_one_machine(tmp_path):
     text = HEAD + "hosts: [{name: a, address: 127.0.0.1}, {name: b, address: 127.0.0.2}]\n"
     plan = plan_of(tmp_path, text + "prefill: {hosts: [a]}\ndecode: {hosts: [b]}\n")
     assert plan.process("decode-0").bind == "127.0.0.2"  # what peers connect to
+
+
+# -- tensor parallelism on the embedded runtime ------------------------------------------------------
+
+
+def test_tp_size_is_passed_only_when_tp_is_above_one(tmp_path):
+    from disaggctl.runtime.server import build_parser
+
+    plan = plan_of(tmp_path, HEAD + "prefill: {tp: 2}\ndecode: {tp: 1}\n")
+    pre, dec = plan.process("prefill-0"), plan.process("decode-0")
+    assert pre.argv.count("--tp-size") == 1 and pre.argv[pre.argv.index("--tp-size") + 1] == "2"
+    assert build_parser("prefill").parse_args(pre.argv[5:]).tp_size == 2
+    assert "--tp-size" not in dec.argv and build_parser("decode").parse_args(dec.argv[5:]).tp_size == 1
+    assert "--tp-size" not in plan.process("proxy").argv
+    # CPU ranks on a gpus: 0 host; on a GPU host the server's GPUs are its ranks' devices, in rank order
+    assert pre.gpus == [] and pre.argv[pre.argv.index("--device") + 1] == "cpu"
+    plan = plan_of(tmp_path, HEAD + GPU_HOST + "colocated: {replicas: 2, tp: 2}\n")
+    for r, p in enumerate(x for x in plan.processes if x.role == "colocated"):
+        assert p.argv[p.argv.index("--tp-size") + 1] == "2"
+        assert p.env["CUDA_VISIBLE_DEVICES"] == f"{2 * r},{2 * r + 1}" and p.base_gpu_id == 2 * r
+    assert "--tp-size" not in plan_of(tmp_path, HEAD + "colocated: {}\n").process("colocated-0").argv
+
+
+def test_prefill_and_decode_may_have_different_tp(tmp_path):
+    for pre_tp, dec_tp in ((2, 1), (1, 2), (2, 2)):
+        plan = plan_of(tmp_path, HEAD + f"prefill: {{tp: {pre_tp}}}\ndecode: {{tp: {dec_tp}}}\n")
+        assert (plan.process("prefill-0").tp, plan.process("decode-0").tp) == (pre_tp, dec_tp)
+        path = tmp_path / "t.yaml"
+        check_launchable(load_topology(path), str(path))  # and `up` runs it
+
+
+def test_a_tp_that_cannot_shard_builtin_tiny_is_refused_with_its_line(tmp_path):
+    text = HEAD + "prefill:\n  replicas: 1\n  tp: 4\ndecode: {tp: 2}\n"
+    (line,) = rejected(tmp_path, text)
+    assert line == (
+        f"{tmp_path / 't.yaml'}:{line_no(text, 'tp: 4')}: prefill.tp: 4 does not divide "
+        "num_key_value_heads 2 of builtin:tiny (each rank must hold whole KV heads); use a tp that divides "
+        "4 attention heads, 2 KV heads and intermediate_size 192: 1 or 2"
+    )
+    # both sides are checked, each at its own line
+    text = HEAD + "prefill: {tp: 2}\ndecode: {tp: 3}\n"
+    (line,) = rejected(tmp_path, text)
+    assert f":{line_no(text, 'decode:')}: decode.tp: 3 does not divide num_key_value_heads 2" in line
+    # SGLang replicates KV heads beyond tp; the rule is the embedded runtime's
+    path = tmp_path / "t.yaml"
+    path.write_text(HEAD + GPU_HOST + "prefill: {tp: 4}\ndecode: {tp: 4}\n")
+    sglang = load_topology(path).model_copy(update={"engine": "sglang"})
+    assert build_plan(sglang, str(path)).process("decode-0").tp == 4
+
+
+def test_a_tp_that_cannot_shard_a_local_model_is_refused(tmp_path):
+    head = model_head(tmp_path, num_attention_heads=6, num_key_value_heads=2, intermediate_size=96)
+    assert plan_of(tmp_path, head + "prefill: {tp: 2}\ndecode: {}\n").process("prefill-0").tp == 2
+    text = head + "prefill: {}\ndecode: {tp: 3}\n"
+    (line,) = rejected(tmp_path, text)
+    assert f":{line_no(text, 'decode:')}: decode.tp: 3 does not divide num_key_value_heads 2 of " in line
+    assert "(each rank must hold whole KV heads)" in line and line.endswith(": 1 or 2")
+    # no num_key_value_heads: one KV head per query head, as the runtime reads it
+    head = model_head(tmp_path, num_attention_heads=6, intermediate_size=96)
+    plan_of(tmp_path, head + "colocated: {tp: 3}\n")
+    (line,) = rejected(tmp_path, head + "colocated: {tp: 4}\n")
+    assert "colocated.tp: 4 does not divide num_key_value_heads 6" in line and line.endswith(": 1, 2, 3, 6")
+    head = model_head(tmp_path, num_attention_heads=4, num_key_value_heads=4, intermediate_size=102)
+    (line,) = rejected(tmp_path, head + "colocated: {tp: 4}\n")
+    assert "colocated.tp: 4 does not divide intermediate_size 102" in line
+    assert "(each rank holds an equal slice of the MLP)" in line and line.endswith(": 1 or 2")
+    # a path this machine cannot read (it may exist only on the hosts): the runtime checks it at load
+    missing = HEAD.replace("builtin:tiny", str(tmp_path / "elsewhere"))
+    assert plan_of(tmp_path, missing + "colocated: {tp: 5}\n").process("colocated-0").tp == 5
+
+
+def test_builtin_shapes_match_the_runtimes_builtin_models():
+    from disaggctl.runtime import builtin
+    from disaggctl.topology.plan import BUILTIN_SHAPES
+
+    assert set(BUILTIN_SHAPES) == {builtin.PREFIX + name for name in builtin.BUILTINS}
+    tiny = builtin.TINY_CONFIG
+    assert BUILTIN_SHAPES["builtin:tiny"] == {k: tiny[k] for k in BUILTIN_SHAPES["builtin:tiny"]}
+    # smollm2's config is written from its GGUF header (builtin.write_smollm2); read the same fields
+    gguf = pytest.importorskip("gguf")
+    try:
+        path = builtin.smollm2_gguf_path()
+    except builtin.ModelError as e:
+        pytest.skip(str(e))
+    fields = gguf.GGUFReader(str(path)).fields
+    assert BUILTIN_SHAPES["builtin:smollm2"] == {
+        "num_attention_heads": int(fields["llama.attention.head_count"].contents()),
+        "num_key_value_heads": int(fields["llama.attention.head_count_kv"].contents()),
+        "intermediate_size": int(fields["llama.feed_forward_length"].contents()),
+    }
+
+
+def test_up_refuses_fewer_gpus_than_ranks(tmp_path):
+    path = tmp_path / "t.yaml"
+    text = HEAD + GPU_HOST + "colocated: {tp: 2, gpus_per_replica: 1}\n"
+    path.write_text(text)
+    topology = load_topology(path)
+    build_plan(topology, str(path))  # drawable (and SGLang would get its own flags)
+    with pytest.raises(TopologyError) as exc:
+        check_launchable(topology, str(path))
+    assert str(exc.value) == (
+        f"{path}:{line_no(text, 'colocated:')}: colocated.gpus_per_replica: 1 for tp 2: each rank of the "
+        "embedded runtime needs a GPU of its own; set gpus_per_replica to at least 2 (or leave it out)"
+    )
+    path.write_text(HEAD + "colocated: {tp: 2, gpus_per_replica: 1}\n")  # CPU ranks need no GPU
+    check_launchable(load_topology(path), str(path))

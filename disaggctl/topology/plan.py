@@ -1,8 +1,8 @@
 """Topology -> Plan: every process with its host, GPUs, NICs, ports, command line and environment.
 
-Pure apart from reading the model's config.json (multimodal detection) and this machine's addresses
-(which hosts are local). The rules are documented in docs/topology.md; every rejection is a
-TopologyError naming the field and its line.
+Pure apart from reading the model's config.json (multimodal detection, and the head counts that tensor
+parallelism must divide) and this machine's addresses (which hosts are local). The rules are documented
+in docs/topology.md; every rejection is a TopologyError naming the field and its line.
 """
 
 from __future__ import annotations
@@ -132,14 +132,88 @@ def default_bind(address: str) -> str:
     return "127.0.0.1" if address == "localhost" else address
 
 
+def _model_config(topology: Topology) -> dict | None:
+    """The model's config.json when `model.path` is a directory on this machine, else None."""
+    config = Path(topology.model.path).expanduser() / "config.json"
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 def _multimodal(topology: Topology) -> bool:
     if topology.model.multimodal != "auto":
         return bool(topology.model.multimodal)
-    config = Path(topology.model.path).expanduser() / "config.json"
+    return "vision_config" in (_model_config(topology) or {})
+
+
+# The shapes tensor parallelism splits, for the built-in models. The runtime generates their configs
+# (disaggctl/runtime/builtin.py: TINY_CONFIG, and SmolLM2-135M's GGUF header for smollm2), which the
+# control plane may not import; tests/test_plan.py fails when this table and builtin.py disagree.
+BUILTIN_SHAPES: dict[str, dict[str, int]] = {
+    "builtin:tiny": {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 192},
+    "builtin:smollm2": {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536},
+}
+
+# What each rank of a tensor-parallel server holds a 1/tp share of, the KV heads first: they are the
+# fewest, so the first to refuse a tp.
+_SHARDED = (
+    ("num_key_value_heads", "each rank must hold whole KV heads"),
+    ("num_attention_heads", "each rank must hold whole query heads"),
+    ("intermediate_size", "each rank holds an equal slice of the MLP"),
+)
+
+
+def model_shape(topology: Topology) -> dict[str, int] | None:
+    """Head counts and intermediate size of the model as the embedded runtime reads them, or None when
+    this machine cannot know them (a path that is not a local directory, an unreadable config.json);
+    the runtime then checks them itself when it loads the model."""
+    path = topology.model.path
+    if path in BUILTIN_SHAPES:
+        return dict(BUILTIN_SHAPES[path])
+    raw = _model_config(topology)
+    if raw is None:
+        return None
     try:
-        return "vision_config" in json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False
+        heads = int(raw["num_attention_heads"])
+        # the runtime's rule (and transformers'): no KV head count means one KV head per query head
+        kv = int(raw.get("num_key_value_heads") or heads)
+        inter = int(raw["intermediate_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if min(heads, kv, inter) <= 0:
+        return None
+    return {"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter}
+
+
+def _alternatives(values: list[int]) -> str:
+    return " or ".join(map(str, values)) if len(values) <= 2 else ", ".join(map(str, values))
+
+
+def _check_tp_shards(topology: Topology, rej: _Rejections) -> None:
+    """The embedded runtime gives each of a server's tp ranks 1/tp of the query heads, the KV heads and
+    the MLP, and refuses a model where one does not divide; say so now, with the line, rather than
+    from a server's log after `up` has started half the deployment. (SGLang replicates KV heads when
+    tp exceeds them, so it has rules of its own.)"""
+    if topology.engine != "embedded":
+        return
+    shape = model_shape(topology)
+    if shape is None:
+        return
+    common = math.gcd(*shape.values())
+    valid = [n for n in range(1, common + 1) if common % n == 0]
+    for role_name, role in topology.roles():
+        for key, why in _SHARDED:
+            if shape[key] % role.tp:
+                rej.add(
+                    (role_name, "tp"),
+                    f"{role.tp} does not divide {key} {shape[key]} of {topology.model.path} ({why}); "
+                    f"use a tp that divides {shape['num_attention_heads']} attention heads, "
+                    f"{shape['num_key_value_heads']} KV heads and intermediate_size "
+                    f"{shape['intermediate_size']}: {_alternatives(valid)}",
+                )
+                break
 
 
 class _Rejections:
@@ -156,15 +230,25 @@ class _Rejections:
 
 def check_launchable(topology: Topology, source: str) -> None:
     """TopologyError for what a plan can describe but `up` cannot run yet: the embedded runtime has no
-    encoder role and serves tp/dp/ep 1 only (SGLang servers do all of these). `plan` stays permissive so
+    encoder role and serves dp/ep 1 only (SGLang servers do all of these). `plan` stays permissive so
     that such layouts can be drawn and rendered for SGLang."""
     if topology.engine != "embedded":
         return
+    hosts = {h.name: h for h in topology.hosts}
     rej = _Rejections()
     for role_name, role in topology.roles():
         if role_name == "encoder":
             rej.add((role_name,), "the embedded runtime has no encoder role yet; use engine: sglang for EPD")
-        for knob in ("tp", "dp", "ep"):
+        # rank r of a server runs on the r-th GPU of its CUDA_VISIBLE_DEVICES: fewer GPUs than ranks
+        # would leave the last ranks without a device
+        on_gpus = any(hosts[n].gpus > 0 for n in (role.hosts or list(hosts)) if n in hosts)
+        if on_gpus and role.gpus_per_replica is not None and role.gpus_per_replica < role.tp:
+            rej.add(
+                (role_name, "gpus_per_replica"),
+                f"{role.gpus_per_replica} for tp {role.tp}: each rank of the embedded runtime needs a GPU "
+                f"of its own; set gpus_per_replica to at least {role.tp} (or leave it out)",
+            )
+        for knob in ("dp", "ep"):
             value = getattr(role, knob)
             if value > 1:
                 rej.add(
@@ -429,6 +513,8 @@ def _embedded_argv(
     m = topology.model
     argv = [python, "-m", "disaggctl", "serve", p.role, "--host", p.bind, "--port", str(p.port)]
     argv += ["--model", m.path, "--dtype", m.dtype, "--device", "cuda" if p.gpus else "cpu"]
+    if p.tp > 1:
+        argv += ["--tp-size", str(p.tp)]
     for flag, value in (
         ("--page-size", role.page_size),
         ("--max-pages", role.max_pages),
@@ -512,6 +598,8 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
     roles = dict(topology.roles())
 
     slots = _place(topology, rej)
+    rej.raise_if_any(topology, source)
+    _check_tp_shards(topology, rej)
     rej.raise_if_any(topology, source)
 
     proxy_host = topology.proxy.host or topology.hosts[0].name

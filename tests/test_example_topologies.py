@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from disaggctl.topology.load import load_topology
-from disaggctl.topology.plan import build_plan
+from disaggctl.topology.plan import build_plan, check_launchable
 from disaggctl.topology.sglang import render_commands
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
@@ -24,6 +24,7 @@ def test_the_examples_are_there():
     names = {f.name for f in FILES}
     assert {
         "local-1p1d.yaml", "local-2p2d.yaml", "local-colocated.yaml", "two-host-2p1d.yaml", "epd.yaml", "ep.yaml",
+        "local-1p1d-tp2.yaml",
     } <= names  # fmt: skip
 
 
@@ -103,6 +104,7 @@ def test_example_plan_follows_the_rules(path):
             assert flag(p.argv, "--host") == p.bind and flag(p.argv, "--port") == str(p.port)
             assert flag(p.argv, "--model") == raw["model"]["path"]
             assert flag(p.argv, "--device") == ("cuda" if p.gpus else "cpu")
+            assert flag(p.argv, "--tp-size") == (str(p.tp) if p.tp > 1 else None)
             for knob, opt in (
                 ("page_size", "--page-size"),
                 ("max_batch", "--max-batch"),
@@ -167,7 +169,7 @@ def test_example_plan_follows_the_rules(path):
 
 def test_local_examples_run_here():
     # the local examples are the ones `disaggctl up` can start on this machine: CPU, loopback, builtin model
-    for name in ("local-1p1d", "local-2p2d", "local-colocated"):
+    for name in ("local-1p1d", "local-2p2d", "local-colocated", "local-1p1d-tp2"):
         plan = build_plan(load_topology(TOPOLOGIES / f"{name}.yaml"), name)
         assert plan.engine == "embedded"
         assert all(h.local and h.gpus == 0 for h in plan.hosts)
@@ -176,3 +178,6 @@ def test_local_examples_run_here():
     assert build_plan(load_topology(TOPOLOGIES / "local-colocated.yaml"), "x").kind == "colocated"
     assert build_plan(load_topology(TOPOLOGIES / "epd.yaml"), "x").kind == "epd"
     assert build_plan(load_topology(TOPOLOGIES / "ep.yaml"), "x").kind == "ep"
+    tp2 = build_plan(load_topology(TOPOLOGIES / "local-1p1d-tp2.yaml"), "x")
+    assert [(p.name, p.tp) for p in tp2.processes] == [("prefill-0", 2), ("decode-0", 2), ("proxy", 1)]
+    check_launchable(load_topology(TOPOLOGIES / "local-1p1d-tp2.yaml"), "x")

@@ -392,7 +392,7 @@ def test_full_hand_off_writes_kv_into_the_decode_pool():
             decode = asyncio.create_task(client.register_and_wait(server.url, ROOM, reg, 30))
             got = await server.expect(ROOM, timeout=10)
             batches = kv_write_batches(src_layout, src_pages, got.layout, got.page_ids, got.prompt_len)
-            await agent.write_async(got.session_id, *batches)
+            await asyncio.to_thread(agent.write, got.session_id, *batches)
             server.complete(ROOM, 99, -1.5)
             result = await decode
             assert (result.first_token, result.logprob) == (99, -1.5)

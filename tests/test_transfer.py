@@ -358,7 +358,8 @@ def test_hung_peer_is_bounded_by_our_deadline_and_never_blocks_the_loop(agent, s
         started = time.monotonic()
         try:
             with pytest.raises(TransferError, match="no completion"):
-                await agent.write_async(peer.session_id, *batches)
+                # as the engine issues hand-off writes: on a worker thread, awaited from the loop
+                await asyncio.to_thread(agent.write, peer.session_id, *batches)
             return time.monotonic() - started
         finally:
             tick_task.cancel()

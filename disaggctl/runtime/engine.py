@@ -171,14 +171,6 @@ class Engine:
             **self.counters,
         }
 
-    @property
-    def tokenizer(self):
-        from disaggctl.runtime.tokenizer import Tokenizer
-
-        if not hasattr(self, "_tokenizer"):
-            self._tokenizer = Tokenizer(self.config.model)
-        return self._tokenizer
-
     def start(self) -> None:
         if self._thread is not None:
             return

@@ -76,7 +76,7 @@ class Role:
         return stream
 
     def alive(self) -> bool:
-        return engine_alive(self.engine)
+        return self.engine.alive()
 
     def stop(self) -> None:
         self.engine.stop()
@@ -101,14 +101,6 @@ def make_engine(args, model_dir: str, transfer=None):
     # Options left out on the command line take the engine's defaults.
     config = EngineConfig(model=model_dir, **{k: v for k, v in given.items() if v is not None})
     return Engine(config, transfer=transfer)
-
-
-def engine_alive(engine) -> bool:
-    alive = getattr(engine, "alive", None)
-    if callable(alive):
-        return bool(alive())
-    thread = getattr(engine, "thread", None) or getattr(engine, "_thread", None)
-    return thread is not None and thread.is_alive()
 
 
 class EngineStream:

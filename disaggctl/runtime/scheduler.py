@@ -9,7 +9,6 @@ the newest running sequence is preempted (pages freed, re-queued to be recompute
 from __future__ import annotations
 
 import enum
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,6 @@ class Status(enum.Enum):
     DONE = "done"
 
 
-_order = itertools.count()
 
 
 @dataclass(eq=False)
@@ -41,7 +39,6 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the pool
     status: Status = Status.WAITING
-    order: int = field(default_factory=lambda: next(_order))  # admission order: the newest is preempted first
     preemptions: int = 0
 
     @property

@@ -224,7 +224,7 @@ async def health(request: web.Request) -> web.Response:
     st: ServerState = request.app[STATE]
     if st.ready():
         return web.json_response({"status": "ok"})
-    failure = getattr(st.role.engine, "failure", lambda: None)() if st.role is not None else None
+    failure = st.role.engine.failure() if st.role is not None else None
     reason = st.load_error or (
         "stopping" if st.stopping else "loading" if st.role is None else failure or "engine stopped"
     )
@@ -555,10 +555,6 @@ async def _generate(request: web.Request) -> web.StreamResponse:
 # ---- OpenAI ----
 
 
-def _openai_finish(p: Progress) -> str | None:
-    return p.finish_reason
-
-
 def _usage(job: Job, p: Progress) -> dict:
     n = len(p.output_ids)
     return {
@@ -599,10 +595,10 @@ async def _openai(request: web.Request, parse) -> web.StreamResponse:
                 "index": 0,
                 "message": {"role": "assistant", "content": p.text},
                 "logprobs": None,
-                "finish_reason": _openai_finish(p),
+                "finish_reason": p.finish_reason,
             }
         else:
-            choice = {"index": 0, "text": p.text, "logprobs": None, "finish_reason": _openai_finish(p)}
+            choice = {"index": 0, "text": p.text, "logprobs": None, "finish_reason": p.finish_reason}
         if p.matched is not None:
             choice["matched_stop"] = p.matched
         return web.json_response({**head, "choices": [choice], "usage": _usage(job, p)})
@@ -640,7 +636,7 @@ async def _openai(request: web.Request, parse) -> web.StreamResponse:
             if delta:
                 await _sse(resp, chunk(delta, None))
             if p.finish_reason is not None:
-                await _sse(resp, chunk(None if chat else "", _openai_finish(p)))
+                await _sse(resp, chunk(None if chat else "", p.finish_reason))
     if job.include_usage and p.error is None:
         await _sse(resp, {**head, "choices": [], "usage": _usage(job, p)})
     await _sse(resp, "[DONE]")
@@ -673,21 +669,11 @@ def load(st: ServerState, model_dir: str):
         engine.stop()
         raise
     st.tokenizer = tok
-    st.max_model_len = engine_max_model_len(engine, st.args)
-    st.vocab_size = engine_vocab_size(engine, tok)
+    st.max_model_len = engine.config.max_model_len
+    st.vocab_size = engine.model_config.vocab_size
     st.page_size = st.args.page_size
     st.max_body_bytes = body_limit(st.max_model_len, tok.max_token_bytes)
     return role
-
-
-def engine_max_model_len(engine, args) -> int:
-    cfg = getattr(engine, "config", None)
-    return int(getattr(cfg, "max_model_len", None) or args.max_model_len)
-
-
-def engine_vocab_size(engine, tok) -> int:
-    mc = getattr(engine, "model_config", None)
-    return int(getattr(mc, "vocab_size", None) or tok.vocab_size)
 
 
 class Server:
@@ -802,7 +788,7 @@ async def serve(
         await asyncio.wait([stop_task], timeout=1.0)
         st = server.state
         if st.role is not None and not st.stopping and not st.role.alive() and not stop.is_set():
-            why = getattr(st.role.engine, "failure", lambda: None)() or "the engine stopped"
+            why = st.role.engine.failure() or "the engine stopped"
             print(f"error: {why}; shutting down", file=sys.stderr)
             await server.stop(0.0)
             return 1

@@ -8,7 +8,6 @@ A deadline that fires does not stop the C++ call: the bytes may still land later
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -255,20 +254,6 @@ class MooncakeAgent:
         except FutureTimeout:
             raise TransferError(peer, f"no completion within {deadline:.1f}s (peer hung?)") from None
 
-    async def write_async(
-        self, peer: str, srcs: Sequence[int], dsts: Sequence[int], lens: Sequence[int]
-    ) -> None:
-        """`write` for asyncio code: the blocking call runs on the agent's pool, never on the loop."""
-        srcs, dsts, lens = self._check_batch(peer, srcs, dsts, lens)
-        if not lens:
-            return
-        deadline = self.deadline_s(sum(lens))
-        future = self._submit(self._write_now, peer, srcs, dsts, lens)
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(future), timeout=deadline)
-        except asyncio.TimeoutError:
-            raise TransferError(peer, f"no completion within {deadline:.1f}s (peer hung?)") from None
-
     def _probe_now(self, peer: str) -> int:
         return self._engine.send_probe(peer)
 
@@ -279,21 +264,6 @@ class MooncakeAgent:
             return self._submit(self._probe_now, peer).result(timeout=timeout) == 0
         except FutureTimeout:
             return False
-
-    async def probe_async(self, peer: str, timeout_s: float | None = None) -> bool:
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            rc = await asyncio.wait_for(
-                asyncio.wrap_future(self._submit(self._probe_now, peer)), timeout=timeout
-            )
-        except asyncio.TimeoutError:
-            return False
-        return rc == 0
-
-    async def run_blocking(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> Any:
-        """Run any other blocking call on the agent's pool with a timeout (asyncio.TimeoutError when it fires)."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        return await asyncio.wait_for(asyncio.wrap_future(self._submit(fn, *args)), timeout=timeout)
 
     def close(self) -> None:
         """Unregister everything and stop taking work. Calls still running finish in the background."""

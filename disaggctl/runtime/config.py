@@ -17,6 +17,7 @@ ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -51,6 +52,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     checkpoint_dtype: str | None = None
     sliding_window: int | None = None
+    # mixture of experts (0 experts: a dense model)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    sparse_layers: list[int] = field(default_factory=list)  # layers whose MLP is the experts'
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> ModelConfig:
@@ -76,7 +83,7 @@ class ModelConfig:
         get = _getter(raw, where)
         hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
         # Qwen3 configs default head_dim to 128 whatever hidden/heads is; the others derive it.
-        head_dim = raw.get("head_dim") or (128 if family == "qwen3" else hidden // heads)
+        head_dim = raw.get("head_dim") or (128 if family in ("qwen3", "qwen3_moe") else hidden // heads)
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only silu)")
@@ -106,7 +113,7 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)) if family == "llama" else False,
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             rope_theta=theta,
             rope=rope,
             eos_token_ids=_eos(gen or {}, raw),
@@ -118,12 +125,28 @@ class ModelConfig:
             if family == "llama" and raw.get("sliding_window")
             else None,
         )
+        if family == "qwen3_moe":
+            _moe(cfg, raw, get)
         if cfg.num_heads % cfg.num_kv_heads:
             raise ConfigError(
                 f"{where}: num_attention_heads {cfg.num_heads} is not a multiple of "
                 f"num_key_value_heads {cfg.num_kv_heads}"
             )
         return cfg
+
+
+def _moe(cfg: ModelConfig, raw: dict, get) -> None:
+    """Qwen3-MoE: which layers route to experts (every `decoder_sparse_step`-th, minus `mlp_only_layers`)."""
+    # transformers 5 writes num_local_experts where older configs (and the Hub's checkpoints) say num_experts
+    cfg.num_experts = int(raw["num_local_experts"]) if "num_local_experts" in raw else get("num_experts", int)
+    cfg.num_experts_per_tok = get("num_experts_per_tok", int)
+    cfg.moe_intermediate_size = get("moe_intermediate_size", int)
+    cfg.norm_topk_prob = bool(raw.get("norm_topk_prob", False))
+    step = int(raw.get("decoder_sparse_step", 1))
+    dense = set(raw.get("mlp_only_layers") or [])
+    cfg.sparse_layers = [
+        i for i in range(cfg.num_layers) if i not in dense and step > 0 and (i + 1) % step == 0
+    ]
 
 
 def _read_json(path: Path, required: bool) -> dict | None:
@@ -203,6 +226,7 @@ class EngineConfig:
     quarantine_s: float = 30.0  # how long pages of a failed remote transfer stay unused
     seed: int = 0  # for requests that sample without a seed of their own
     tp_size: int = 1  # tensor-parallel ranks of this server (one process each)
+    ep_size: int = 1  # 1: experts split like the dense MLP; tp_size: whole experts spread over the ranks
     dist_timeout_s: float = 120.0  # bound on every collective: a dead rank fails its peers, never hangs them
 
     def validate(self) -> None:
@@ -210,7 +234,7 @@ class EngineConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"device {self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
-        for name in ("page_size", "max_batch", "chunk_size", "tp_size"):
+        for name in ("page_size", "max_batch", "chunk_size", "tp_size", "ep_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -218,6 +242,11 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.ep_size not in (1, self.tp_size):
+            raise ConfigError(
+                f"ep_size must be 1 or the tp_size ({self.tp_size}): experts are spread over the server's ranks, "
+                f"got {self.ep_size}"
+            )
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 

@@ -85,10 +85,13 @@ class Engine:
         max_len = config.max_model_len or mc.max_position_embeddings
         if mc.sliding_window:
             max_len = min(max_len, mc.sliding_window)
-        why = check_divisible(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, config.tp_size)
+        ep = config.ep_size > 1
+        if ep and not mc.num_experts:
+            raise ConfigError(f"{config.model}: ep_size {config.ep_size} needs a mixture-of-experts model")
+        why = check_divisible(mc, config.tp_size, ep)
         if why:
             raise ConfigError(f"{config.model}: cannot split over {config.tp_size} ranks: {why}")
-        tp = TensorParallel(0, config.tp_size)
+        tp = TensorParallel(0, config.tp_size, ep)
         self.runner = ModelRunner(config, mc, self.device, self.dtype, max_len, tp)
         self.model = self.runner.model
         self.kv_cache = self.runner.kv_cache

@@ -60,7 +60,8 @@ def load_model(
                 if name.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
                     continue
                 if name not in wanted:
-                    unexpected.append(name)
+                    if not model.foreign(name):
+                        unexpected.append(name)
                     continue
                 piece = f.get_slice(name)
                 full = tuple(piece.get_shape())

@@ -29,6 +29,7 @@ class TensorParallel:
 
     rank: int = 0
     size: int = 1
+    ep: bool = False  # experts spread whole over the ranks instead of split like the dense MLP
 
     @property
     def enabled(self) -> bool:
@@ -51,8 +52,11 @@ class TensorParallel:
         return self.rank * n, n
 
 
-def shard_dim(name: str) -> int | None:
-    """The dimension of parameter `name` that is split over ranks, or None when it is replicated."""
+def shard_dim(name: str, ep: bool = False) -> int | None:
+    """The dimension of parameter `name` that is split over ranks, or None when it is replicated (or, with
+    expert parallelism, an expert's weight: a rank holds its experts whole)."""
+    if ep and ".experts." in name:
+        return None
     if name.endswith(_COLUMN) or name.endswith(_COLUMN_BIAS):
         return 0
     if name.endswith(_ROW):
@@ -62,7 +66,7 @@ def shard_dim(name: str) -> int | None:
 
 def shard(name: str, tensor_slice, shape: tuple[int, ...], tp: TensorParallel) -> torch.Tensor:
     """This rank's slice of a checkpoint tensor (`tensor_slice`: a safetensors slice or a tensor)."""
-    dim = shard_dim(name)
+    dim = shard_dim(name, tp.ep)
     if dim is None or not tp.enabled:
         return tensor_slice[:]
     n = tp.split(shape[dim], name)
@@ -70,13 +74,18 @@ def shard(name: str, tensor_slice, shape: tuple[int, ...], tp: TensorParallel) -
     return tensor_slice[lo:hi] if dim == 0 else tensor_slice[:, lo:hi]
 
 
-def check_divisible(num_heads: int, num_kv_heads: int, intermediate_size: int, size: int) -> str | None:
-    """Why a model cannot be split over `size` ranks, or None."""
-    for what, n in (
-        ("num_attention_heads", num_heads),
-        ("num_key_value_heads", num_kv_heads),
-        ("intermediate_size", intermediate_size),
-    ):
+def check_divisible(cfg, size: int, ep: bool = False) -> str | None:
+    """Why a model (a `ModelConfig`) cannot be split over `size` ranks, or None."""
+    checks = [
+        ("num_attention_heads", cfg.num_heads),
+        ("num_key_value_heads", cfg.num_kv_heads),
+        ("intermediate_size", cfg.intermediate_size),
+    ]
+    if cfg.num_experts:
+        checks.append(
+            ("num_experts", cfg.num_experts) if ep else ("moe_intermediate_size", cfg.moe_intermediate_size)
+        )
+    for what, n in checks:
         if n % size:
             return f"{what} {n} is not divisible by tp {size}"
     return None

@@ -25,8 +25,6 @@ class Status(enum.Enum):
     DONE = "done"
 
 
-
-
 @dataclass(eq=False)
 class Sequence:
     rid: str

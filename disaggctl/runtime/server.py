@@ -76,6 +76,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         "--tp-size", type=int, default=1, help="tensor-parallel ranks (one process each; rank 0 serves HTTP)"
     )
     ap.add_argument(
+        "--ep-size",
+        type=int,
+        default=1,
+        help="expert parallelism for MoE models: 1 (experts split like the MLP) or the tp size (whole experts per rank)",
+    )
+    ap.add_argument(
         "--drain-timeout", type=float, default=DEFAULT_DRAIN_S, help="seconds to finish requests on stop"
     )
     ap.add_argument(
@@ -121,7 +127,7 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(f"--port must be in 1..65535, got {args.port}")
     if getattr(args, "bootstrap_port", None) is not None and not 0 < args.bootstrap_port < 65536:
         ap.error(f"--bootstrap-port must be in 1..65535, got {args.bootstrap_port}")
-    for name in ("page_size", "max_pages", "max_batch", "chunk_size", "max_model_len", "tp_size"):
+    for name in ("page_size", "max_pages", "max_batch", "chunk_size", "max_model_len", "tp_size", "ep_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")

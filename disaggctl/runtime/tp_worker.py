@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
     from disaggctl.runtime.parallel import TensorParallel, destroy_process_group, init_process_group
 
     config = EngineConfig(**spec["config"])
-    tp = TensorParallel(rank, size)
+    tp = TensorParallel(rank, size, config.ep_size > 1)
     device = config.resolve_device()
     if device.startswith("cuda"):
         device = f"cuda:{rank}"  # CUDA_VISIBLE_DEVICES holds this server's GPUs, rank 0 first

@@ -15,4 +15,8 @@ def model_class(cfg: ModelConfig):
         from disaggctl.runtime.models.llama import LlamaForCausalLM
 
         return LlamaForCausalLM
+    if cfg.family == "qwen3_moe":
+        from disaggctl.runtime.models.moe import Qwen3MoeForCausalLM
+
+        return Qwen3MoeForCausalLM
     raise ConfigError(f"no model class for {cfg.architecture!r}; supported: {', '.join(ARCHITECTURES)}")

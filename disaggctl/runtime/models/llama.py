@@ -168,13 +168,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    """SwiGLU MLP of `inter` (this rank's share of the) intermediate units. `reduce`: sum the ranks' partial
+    outputs here (a dense layer); an expert leaves that to its mixture, which reduces once for all experts."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool, tp: TensorParallel, reduce: bool = True):
         super().__init__()
-        self.tp = tp
-        inter = tp.split(cfg.intermediate_size, "intermediate_size")
-        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.tp = tp if reduce else TensorParallel()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
         self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by `fuse`
 
     def fuse(self) -> None:
@@ -189,11 +191,16 @@ class MLP(nn.Module):
         return row_parallel(self.down_proj, act, self.tp)
 
 
+def dense_mlp(cfg: ModelConfig, tp: TensorParallel, layer: int) -> nn.Module:
+    inter = tp.split(cfg.intermediate_size, "intermediate_size")
+    return MLP(cfg.hidden_size, inter, cfg.mlp_bias, tp)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, mlp: nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg, tp)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -203,19 +210,22 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, mlp_for):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, mlp_for(cfg, tp, i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    # builds each layer's MLP (cfg, tp, layer index): a mixture-of-experts model plugs its own in
+    mlp_for = staticmethod(dense_mlp)
+
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.config = cfg
         self.tp = tp or TensorParallel()
-        self.model = Backbone(cfg, self.tp)
+        self.model = Backbone(cfg, self.tp, self.mlp_for)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         inv_freq, self.rope_factor = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -233,6 +243,10 @@ class LlamaForCausalLM(nn.Module):
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
         self.fused = True
+
+    def foreign(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to another rank (the loader skips it)."""
+        return False
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_runtime_vs_hf import PAGE, greedy, hf_greedy, perturb, prompts, run_staggered  # noqa: E402
+from test_runtime_vs_hf import PAGE, hf_greedy, perturb, prompts, run_staggered  # noqa: E402
 
 from disaggctl.runtime.config import ConfigError, EngineConfig, ModelConfig  # noqa: E402
 from disaggctl.runtime.engine import Engine  # noqa: E402

@@ -3,8 +3,13 @@
 PD mode: every request goes to a prefill P and a decode D at once, with the same `bootstrap_room` so that D
 can fetch its KV from P; the client gets D's answer, streamed through chunk by chunk. P's answer only says
 whether the prefill worked: if it fails while D is still busy, D's request is closed (the runtime server
-aborts a request whose client went away) and the client gets the reason. Colocated mode: one worker per
-request, answers passed through unchanged.
+aborts a request whose client went away, and frees its pages). If the client has not received a byte yet,
+the request is then sent again (--retries, with jitter) to another prefill and a newly picked decode, under
+a new room: D registered its pages for the old room, so nothing of the failed pair is reused. Once a byte went
+out, the client gets the reason instead: a retry could not take back what it has seen. To keep that window
+open, D's response headers and SSE comments (keep-alives while D waits for its KV) are held back until P
+has answered or D sends its first event. Colocated mode: one worker per request, answers passed through
+unchanged.
 
 One aiohttp ClientSession carries all traffic (pooled keep-alive connections); health probes use a small
 session of their own so that they never queue behind a saturated request pool.
@@ -25,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import random
 import secrets
 import signal
 import sys
@@ -40,6 +47,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from disaggctl.proxy.breaker import DEFAULT_COOLDOWN_S, DEFAULT_FAILURES, STATE_VALUES, Breaker
 from disaggctl.proxy.policy import POLICIES, make_policy
 from disaggctl.proxy.workers import (
     NoHealthyWorker,
@@ -75,6 +83,17 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 READ_TIMEOUT_ERROR = getattr(aiohttp, "SocketTimeoutError", aiohttp.ServerTimeoutError)
 # Why a request was refused before reaching a worker (the label of disaggctl_proxy_rejected_requests_total).
 REJECT_REASONS = ("too_large", "not_json", "too_deep", "bad_fields")
+DEFAULT_RETRIES = 2
+# Full jitter over a doubling base: requests that failed together (a prefill died under them) do not all
+# land on the next prefill in the same instant.
+RETRY_BACKOFF_S = 0.05
+# Why a failed PD attempt was not sent again (the label of disaggctl_proxy_not_retried_total):
+# the client already had bytes, the failure says nothing another prefill would do better (a 4xx, a
+# refused proof, a worker that went silent: timeouts and health checks mostly mean overload, which retries
+# would multiply), no other worker was available, or --retries were used up.
+NOT_RETRIED = ("client_had_bytes", "not_retryable", "no_other_worker", "retries_used")
+# D's SSE comments held back while P works are few and small; past this, they go out anyway.
+MAX_HELD_BYTES = 64 * 1024
 
 
 class ClientGone(Exception):
@@ -119,6 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY_BYTES})",
     )
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        metavar="N",
+        help="PD: times a request whose prefill failed (connection refused or reset, or a 5xx) before the "
+        f"client got a byte is sent again to another prefill (default {DEFAULT_RETRIES}; 0: never)",
+    )
+    ap.add_argument(
+        "--breaker-failures",
+        type=int,
+        default=DEFAULT_FAILURES,
+        metavar="N",
+        help="a worker that leaves N requests in a row unanswered is taken out of rotation "
+        f"(circuit breaker; default {DEFAULT_FAILURES})",
+    )
+    ap.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=DEFAULT_COOLDOWN_S,
+        metavar="S",
+        help=f"seconds an open breaker keeps its worker out before one trial request (default {DEFAULT_COOLDOWN_S:g})",
+    )
     ap.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect to a worker")
     ap.add_argument(
         "--max-connections", type=int, default=1024, help="open connections to workers, all together"
@@ -146,7 +188,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not 0 < args.port < 65536:
         ap.error(f"--port must be in 1..65535, got {args.port}")
-    for name in ("health_interval", "request_timeout", "connect_timeout", "read_timeout"):
+    if not 0 <= args.retries <= 10:
+        ap.error(f"--retries must be in 0..10, got {args.retries}")
+    if args.breaker_failures < 1:
+        ap.error(f"--breaker-failures must be >= 1, got {args.breaker_failures}")
+    for name in ("health_interval", "request_timeout", "connect_timeout", "read_timeout", "breaker_cooldown"):
         if not getattr(args, name) > 0:
             ap.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.max_connections < 1:
@@ -202,6 +248,8 @@ class Proxy:
     background: set[asyncio.Task] = field(default_factory=set)
     requests: Counter = field(default_factory=Counter)  # (path, status) -> count
     rejected: Counter = field(default_factory=Counter)  # one of REJECT_REASONS -> count
+    retries: int = 0  # PD attempts sent again after a failure before the client's first byte
+    not_retried: Counter = field(default_factory=Counter)  # one of NOT_RETRIED -> count
     duration_sum: float = 0.0
     started_at: float = field(default_factory=time.time)
 
@@ -245,6 +293,13 @@ PROXY = web.AppKey("proxy", Proxy)
 
 
 def make_proxy(args: argparse.Namespace, key: DeploymentKey | None = None) -> Proxy:
+    px = _make_proxy(args, key)
+    for w in px.workers:
+        w.breaker = Breaker(w.name, args.breaker_failures, args.breaker_cooldown)
+    return px
+
+
+def _make_proxy(args: argparse.Namespace, key: DeploymentKey | None = None) -> Proxy:
     if args.worker:
         pools = {
             "colocated": Pool(
@@ -370,6 +425,22 @@ async def metrics(request: web.Request) -> web.Response:
     )
     for reason in REJECT_REASONS:
         lines.append(f'disaggctl_proxy_rejected_requests_total{{reason="{reason}"}} {px.rejected[reason]}')
+    family(
+        "disaggctl_proxy_retries_total",
+        "counter",
+        "PD requests sent again to a new prefill/decode pair after their prefill failed before the client "
+        "got a byte.",
+    )
+    lines.append(f"disaggctl_proxy_retries_total {px.retries}")
+    family(
+        "disaggctl_proxy_not_retried_total",
+        "counter",
+        "PD attempts that failed and were not sent again: the client had bytes already (client_had_bytes), "
+        "the failure was not one to retry (not_retryable), no other worker (no_other_worker), --retries "
+        "used up (retries_used).",
+    )
+    for reason in NOT_RETRIED:
+        lines.append(f'disaggctl_proxy_not_retried_total{{reason="{reason}"}} {px.not_retried[reason]}')
     per_worker = (
         ("healthy", "gauge", "1 if the worker is in rotation.", lambda w: int(w.healthy)),
         ("in_flight", "gauge", "Requests sent to the worker and not finished.", lambda w: w.in_flight),
@@ -386,6 +457,18 @@ async def metrics(request: web.Request) -> web.Response:
             "counter",
             "Requests ended because the worker stopped answering health checks.",
             lambda w: w.lost_requests,
+        ),
+        (
+            "breaker_state",
+            "gauge",
+            "The worker's circuit breaker: 0 closed (in rotation), 1 open (out), 2 half-open (one trial).",
+            lambda w: STATE_VALUES[w.breaker.state],
+        ),
+        (
+            "breaker_opens_total",
+            "counter",
+            "Times the worker's circuit breaker opened (--breaker-failures unanswered requests in a row).",
+            lambda w: w.breaker.opens,
         ),
     )
     for name, kind, help_, value in per_worker:
@@ -534,17 +617,72 @@ async def _write(out: web.StreamResponse, data: bytes) -> None:
         raise ClientGone() from e
 
 
+@dataclass
+class Hold:
+    """A decode's streamed answer held back from the client while a retry may still replace it: its
+    status and content type, and the SSE comments it sent meanwhile. `gate` is set once the prefill
+    answered: no retry can come any more, and the stream goes out."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    status: int | None = None  # set once D's headers came
+    content_type: str = "text/event-stream"
+    data: bytes = b""
+
+
+def _only_comments(events: bytes) -> bool:
+    """Whether these complete SSE events are comments only (`: keep-alive`): nothing a client reads."""
+    return all(not line.strip() or line.startswith(b":") for line in events.split(b"\n"))
+
+
+async def _hold_back(upstream: aiohttp.ClientResponse, hold: Hold) -> bytes:
+    """Read D's stream into `hold` while it carries comments only and the gate is shut. Returns what was
+    read past the held comments (the first event, or part of it); b"" at the end of the stream."""
+    buf = b""
+    while not hold.gate.is_set() and len(hold.data) <= MAX_HELD_BYTES:
+        read = asyncio.ensure_future(upstream.content.readany())
+        gate = asyncio.ensure_future(hold.gate.wait())
+        try:
+            await asyncio.wait({read, gate}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (read, gate):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(gate, return_exceptions=True)
+            if not read.done():
+                await asyncio.gather(read, return_exceptions=True)
+        if read.cancelled():
+            continue  # the gate opened: nothing was consumed
+        chunk = read.result()
+        if not chunk:
+            break
+        buf += chunk
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            continue
+        if not _only_comments(buf[: cut + 2]):
+            break
+        hold.data += buf[: cut + 2]
+        buf = buf[cut + 2 :]
+    return buf
+
+
 async def relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, on_prepared=None
+    request: web.Request, upstream: aiohttp.ClientResponse, on_prepared=None, hold: Hold | None = None
 ) -> web.StreamResponse:
     """Hand the worker's answer to the client: JSON whole, a stream chunk by chunk as it arrives.
 
     SSE is forwarded up to the last complete event of each chunk (a blank line), so that an error event the
-    proxy may have to add later never lands in the middle of one of the worker's events.
+    proxy may have to add later never lands in the middle of one of the worker's events. With `hold`, an
+    SSE answer's headers and leading comments wait for `hold.gate` or the first event (see Hold).
     """
     if not _is_sse(upstream) and upstream.headers.get("Transfer-Encoding") != "chunked":
         body = await upstream.read()
         return web.Response(body=body, status=upstream.status, content_type=upstream.content_type)
+    pending = b""
+    if hold is not None and _is_sse(upstream):
+        hold.status = upstream.status
+        hold.content_type = upstream.headers.get("Content-Type", "text/event-stream")
+        pending = await _hold_back(upstream, hold)
     out = web.StreamResponse(
         status=upstream.status,
         headers={
@@ -558,11 +696,17 @@ async def relay(
         raise ClientGone() from e
     if on_prepared is not None:
         on_prepared(out)
+    if hold is not None and hold.data:
+        await _write(out, hold.data)
+        hold.data = b""
+    cut = pending.rfind(b"\n\n")
+    if cut >= 0:
+        await _write(out, pending[: cut + 2])
+        pending = pending[cut + 2 :]
     if not _is_sse(upstream):
         async for chunk in upstream.content.iter_any():
             await _write(out, chunk)
     else:
-        pending = b""
         async for chunk in upstream.content.iter_any():
             pending += chunk
             cut = pending.rfind(b"\n\n")
@@ -633,6 +777,7 @@ async def _colocated_call(
     px: Proxy, request: web.Request, w: Worker, payload: bytes, stream: bool, opened: list
 ) -> web.StreamResponse:
     async with px.post(w, request.path, payload, stream=stream) as up:
+        w.answered()
         refused = await _refused_proof(w, up)
         if refused is not None:
             return json_error(refused, 502)
@@ -653,28 +798,90 @@ class PrefillResult:
     ok: bool
     status: int  # HTTP status to give the client when not ok
     reason: str = ""
+    # a failure another prefill may well not have: the connection refused or reset, or a 5xx answer
+    retryable: bool = False
+
+
+@dataclass
+class Failed:
+    """An attempt that failed before the client got a byte: a retry may replace it."""
+
+    worker: Worker
+    result: PrefillResult
+
+
+class DecodeRefused(Exception):
+    """D refused the connection: it never saw the request, so the pair may be retried like a failed P."""
+
+
+def _retryable(e: BaseException) -> bool:
+    # aiohttp's timeouts are connection errors too; silence is not retried (see NOT_RETRIED)
+    return isinstance(e, aiohttp.ClientConnectionError) and not isinstance(e, asyncio.TimeoutError)
+
+
+def _open_gate(hold: Hold | None, p_task: asyncio.Task) -> None:
+    if hold is not None and not p_task.cancelled() and p_task.exception() is None and p_task.result().ok:
+        hold.gate.set()
 
 
 class PDRequest:
-    """One request through a prefill/decode pair."""
+    """One request through a prefill/decode pair, or several pairs when a retry replaces a failed one."""
 
     def __init__(self, px: Proxy, request: web.Request, body: dict) -> None:
         self.px = px
         self.request = request
         self.body = body
         self.stream = bool(body.get("stream"))
-        self.out: web.StreamResponse | None = None  # the client's stream, once D's headers came back
+        self.out: web.StreamResponse | None = None  # the client's stream, once D's answer went out
+        self.hold: Hold | None = None  # the current attempt's held stream (streamed requests)
+        self.earlier: list[str] = []  # why the attempts before the current one failed
 
     def _prepared(self, out: web.StreamResponse) -> None:
         self.out = out
 
     async def run(self) -> web.StreamResponse:
         px = self.px
-        try:
-            p = px.pools["prefill"].pick()
-            d = px.pools["decode"].pick()
-        except NoHealthyWorker as e:
-            return json_error(str(e), 503)
+        failed: set[Worker] = set()
+        last: Failed | None = None
+        while True:
+            try:
+                p = px.pools["prefill"].pick(exclude=failed)
+                d = px.pools["decode"].pick(exclude=failed)
+            except NoHealthyWorker as e:
+                if last is None:
+                    return json_error(str(e), 503)
+                px.not_retried["no_other_worker"] += 1
+                return await self._fail(last.result)
+            outcome = await self._attempt(p, d)
+            if not isinstance(outcome, Failed):
+                return outcome
+            last = outcome
+            failed.add(outcome.worker)
+            why = self._no_retry(outcome, failed)
+            if why is not None:
+                px.not_retried[why] += 1
+                return await self._fail(outcome.result)
+            self.earlier.append(outcome.result.reason)
+            px.retries += 1
+            log.warning(
+                "retrying a request on another prefill/decode pair (%d of --retries %d): %s",
+                len(self.earlier),
+                px.args.retries,
+                outcome.result.reason,
+            )
+            await asyncio.sleep(random.uniform(0, RETRY_BACKOFF_S * 2 ** (len(self.earlier) - 1)))
+
+    def _no_retry(self, f: Failed, failed: set[Worker]) -> str | None:
+        if not f.result.retryable:
+            return "not_retryable"
+        if len(self.earlier) >= self.px.args.retries:
+            return "retries_used"
+        if not all(pool.available(exclude=failed) for pool in self.px.pools.values()):
+            return "no_other_worker"
+        return None
+
+    async def _attempt(self, p: Worker, d: Worker) -> web.StreamResponse | Failed:
+        px = self.px
         room = secrets.randbits(63)
         # The client's own bootstrap fields, if any, are overwritten here: only the proxy chooses them.
         payload = json.dumps(
@@ -685,16 +892,34 @@ class PDRequest:
                 "bootstrap_room": room,
             }
         ).encode()
+        self.out = None
+        self.hold = Hold() if self.stream else None
         p_task = asyncio.create_task(self._prefill(p, payload))
+        p_task.add_done_callback(functools.partial(_open_gate, self.hold))
         d_task = asyncio.create_task(self._decode(d, payload))
         try:
-            done, _ = await asyncio.wait({p_task, d_task}, return_when=asyncio.FIRST_COMPLETED)
-            if p_task in done and not p_task.result().ok and not d_task.done():
-                # P failed while D still waits for the KV (or streams): close D's request and say why.
+            while not d_task.done():
+                await asyncio.wait(
+                    {d_task} if p_task.done() else {p_task, d_task}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if d_task.done() or not p_task.done():
+                    continue
+                res = p_task.result()
+                if res.ok:
+                    continue  # D's stream is let through (the gate); wait for its end
+                # P failed while D still waits for the KV (or streams): close D's request, which frees its
+                # pages, and retry or say why.
                 d_task.cancel()
                 await asyncio.gather(d_task, return_exceptions=True)
-                return await self._fail(p_task.result())
-            out, d_ok = await d_task
+                if self.out is None:
+                    return Failed(p, res)
+                px.not_retried["client_had_bytes"] += 1
+                return await self._fail(res)
+            if isinstance(d_task.exception(), DecodeRefused):
+                p_task.cancel()
+                await asyncio.gather(p_task, return_exceptions=True)
+                return Failed(d, PrefillResult(False, 502, str(d_task.exception()), retryable=True))
+            out, d_ok = d_task.result()
             if not d_ok and not p_task.done():
                 p_task.cancel()
             elif not p_task.done():
@@ -709,18 +934,34 @@ class PDRequest:
             raise
 
     async def _fail(self, res: PrefillResult) -> web.StreamResponse:
+        reason = res.reason
+        if self.earlier:
+            reason += f" (after {len(self.earlier)} retried attempt(s): {'; '.join(self.earlier)})"
+        hold = self.hold
+        if self.out is None and hold is not None and hold.status is not None:
+            # D's stream had begun, held back: the client gets it as it was, then the reason
+            out = web.StreamResponse(
+                status=hold.status, headers={"Content-Type": hold.content_type, "Cache-Control": "no-cache"}
+            )
+            try:
+                await out.prepare(self.request)
+                if hold.data:
+                    await out.write(hold.data)
+            except ConnectionError:
+                return out
+            self.out = out
         if self.out is None:
             if 400 <= res.status < 500:
-                return json_error(res.reason, res.status, "invalid_request_error")
-            return json_error(res.reason, 502)
-        return await _end_with_error(self.out, res.reason, 502)
+                return json_error(reason, res.status, "invalid_request_error")
+            return json_error(reason, 502)
+        return await _end_with_error(self.out, reason, 502)
 
     async def _prefill(self, p: Worker, payload: bytes) -> PrefillResult:
         with in_flight(p):
             try:
                 status, body, sse, refused = await until_lost(p, self._prefill_call(p, payload))
             except (*UPSTREAM_ERRORS, WorkerLost) as e:
-                return PrefillResult(False, 502, self.px.upstream_failed(p, e))
+                return PrefillResult(False, 502, self.px.upstream_failed(p, e), retryable=_retryable(e))
         if refused is not None:
             return PrefillResult(False, 502, refused)
         if status >= 400:
@@ -730,14 +971,14 @@ class PDRequest:
                 return PrefillResult(False, status, msg)
             reason = f"prefill {p.url} answered {status}: {msg}"
             p.request_failed(reason, unreachable=False)
-            return PrefillResult(False, 502, reason)
+            return PrefillResult(False, 502, reason, retryable=True)
         if sse:
             for line in body.split(b"\n"):
                 if line.startswith(b"data:") and b'"error"' in line:
                     msg = _error_message(line[5:]) or line[5:].decode(errors="replace").strip()
                     reason = f"prefill {p.url} failed: {msg}"
                     p.request_failed(reason, unreachable=False)
-                    return PrefillResult(False, 502, reason)
+                    return PrefillResult(False, 502, reason, retryable=True)
         p.served += 1
         return PrefillResult(True, status)
 
@@ -745,8 +986,10 @@ class PDRequest:
         # No --read-timeout here: P's answer is not relayed, and P is silent by design until the KV is
         # written. A hung P is caught by the health probes, and by D's own KV transfer timeout.
         async with self.px.post(p, self.request.path, payload) as up:
+            body = await up.read()
+            p.answered()
             refused = await _refused_proof(p, up)
-            return up.status, await up.read(), _is_sse(up), refused
+            return up.status, body, _is_sse(up), refused
 
     async def _decode(self, d: Worker, payload: bytes) -> tuple[web.StreamResponse, bool]:
         with in_flight(d):
@@ -754,17 +997,20 @@ class PDRequest:
                 return await until_lost(d, self._decode_call(d, payload))
             except (*UPSTREAM_ERRORS, WorkerLost) as e:
                 reason = self.px.upstream_failed(d, e)
+                if self.out is None and isinstance(e, aiohttp.ClientConnectorError):
+                    raise DecodeRefused(reason) from e
                 if self.out is None:
                     return json_error(reason, 502), False
                 return await _end_with_error(self.out, reason, 502), False
 
     async def _decode_call(self, d: Worker, payload: bytes) -> tuple[web.StreamResponse, bool]:
         async with self.px.post(d, self.request.path, payload, stream=self.stream) as up:
+            d.answered()
             refused = await _refused_proof(d, up)
             if refused is not None:
                 return json_error(refused, 502), False
             try:
-                out = await relay(self.request, up, self._prepared)
+                out = await relay(self.request, up, self._prepared, self.hold)
             except (asyncio.CancelledError, ClientGone) as e:
                 # Closing (not releasing) the connection is what tells D to abort the request.
                 up.close()

@@ -1,10 +1,10 @@
 """The proxy's workers: one pool per role, in-flight/served/failure counts, and health tracking.
 
-A worker is skipped by its pool's policy while it is unhealthy. It becomes unhealthy when a request to it
-fails at the connection level (refused, reset, timed out) or when a health probe fails, and healthy again
-when a probe succeeds. A worker that leaves probes unanswered `LOST_AFTER_PROBES` times in a row (hung,
-SIGSTOPped, its host gone) is also declared lost: its in-flight requests are ended at once instead of
-waiting out the whole request timeout. Everything here runs on the proxy's one event loop, so counters
+A worker is skipped by its pool's policy while it is unhealthy or its circuit breaker is open (breaker.py).
+It becomes unhealthy when a request to it fails at the connection level (refused, reset, timed out) or
+when a health probe fails, and healthy again when a probe succeeds. A worker that leaves probes
+unanswered `LOST_AFTER_PROBES` times in a row (hung, SIGSTOPped, its host gone) is also declared lost:
+its in-flight requests are ended at once instead of waiting out the whole request timeout. Everything here runs on the proxy's one event loop, so counters
 need no locks.
 """
 
@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+
+from disaggctl.proxy.breaker import HALF_OPEN, Breaker
 
 log = logging.getLogger("disaggctl.proxy")
 
@@ -29,7 +31,7 @@ LOST_AFTER_PROBES = 2
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: workers are kept in sets
 class Worker:
     url: str
     role: str  # "prefill", "decode" or "colocated"
@@ -45,6 +47,11 @@ class Worker:
     lost_requests: int = 0  # requests ended because the worker stopped answering health checks
     # Resolved (with the reason) when the worker is declared lost; every in-flight request waits on it.
     _lost: asyncio.Future | None = field(default=None, repr=False)
+    breaker: Breaker | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.breaker is None:
+            self.breaker = Breaker(self.name)
 
     @property
     def host(self) -> str:
@@ -93,12 +100,18 @@ class Worker:
             )
         lost.set_result(f"{self.name} stopped answering health checks ({reason})")
 
+    def answered(self) -> None:
+        """The worker answered a request (with any status): it is up, as far as the breaker goes."""
+        self.breaker.succeeded()
+
     def request_failed(self, reason: str, unreachable: bool) -> None:
-        """Count a failed request; a worker that could not be reached is also taken out of rotation."""
+        """Count a failed request; a worker that could not be reached is also taken out of rotation, and
+        counts towards opening its breaker."""
         self.failures += 1
         self.last_error = reason
         if unreachable:
             self.set_health(False, reason)
+            self.breaker.failed()
 
     def as_dict(self) -> dict:
         out = {
@@ -111,6 +124,9 @@ class Worker:
             "read_timeouts": self.read_timeouts,
             "lost_requests": self.lost_requests,
             "last_error": self.last_error,
+            "breaker": self.breaker.state,
+            "breaker_opens": self.breaker.opens,
+            "consecutive_failures": self.breaker.consecutive,
         }
         if self.bootstrap_port is not None:
             out["bootstrap_port"] = self.bootstrap_port
@@ -124,6 +140,8 @@ def in_flight(worker: Worker) -> Iterator[None]:
         yield
     finally:
         worker.in_flight -= 1
+        if worker.breaker.state == HALF_OPEN:
+            worker.breaker.abandoned()  # no-op once the trial's answer or failure moved it on
 
 
 class NoHealthyWorker(Exception):
@@ -162,12 +180,27 @@ class Pool:
     def healthy(self) -> list[Worker]:
         return [w for w in self.workers if w.healthy]
 
-    def pick(self) -> Worker:
-        candidates = self.healthy()
+    def available(self, exclude: Collection[Worker] = ()) -> list[Worker]:
+        """The workers a request may go to now: healthy, breaker letting it through, not in `exclude`."""
+        return [w for w in self.workers if w.healthy and w.breaker.allows() and w not in exclude]
+
+    def pick(self, exclude: Collection[Worker] = ()) -> Worker:
+        candidates = self.available(exclude)
         if not candidates:
-            why = "; ".join(f"{w.url}: {w.last_error or 'unhealthy'}" for w in self.workers)
+            why = "; ".join(f"{w.url}: {_unavailable(w, exclude)}" for w in self.workers)
             raise NoHealthyWorker(f"no healthy {self.role} worker ({why})")
-        return self.policy.pick(candidates)
+        w = self.policy.pick(candidates)
+        w.breaker.picked()
+        return w
+
+
+def _unavailable(w: Worker, exclude: Collection[Worker]) -> str:
+    if w in exclude:
+        return f"failed this request ({w.last_error})" if w.last_error else "failed this request"
+    if w.healthy and not w.breaker.allows():
+        breaker = w.breaker
+        return f"circuit open after {breaker.consecutive} failure(s) in a row, a trial in {breaker.retry_in():.0f} s"
+    return w.last_error or "unhealthy"
 
 
 def describe(exc: BaseException, timeout_s: float | None = None) -> str:

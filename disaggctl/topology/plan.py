@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, computed_field
 
 from disaggctl.topology.load import Issue, TopologyError
-from disaggctl.topology.schema import ROLES, Host, Proxy, Role, SshSettings, Topology
+from disaggctl.topology.schema import ROLES, Host, Keeper, Proxy, RestartPolicy, Role, SshSettings, Topology
 
 DEFAULT_HTTP_PORT = 30000
 DEFAULT_BOOTSTRAP_PORT = 8998
@@ -55,6 +55,8 @@ class ProcessSpec(BaseModel):
     argv: list[str]
     env: dict[str, str]
     health_path: str = "/health"
+    # not in the spec hash: a new policy takes effect without restarting the process
+    restart: RestartPolicy = "on-failure"
 
     @computed_field
     @property
@@ -70,6 +72,7 @@ class Plan(BaseModel):
     source: str
     hosts: list[HostSpec]
     processes: list[ProcessSpec]
+    keeper: Keeper = Keeper()
 
     def process(self, name: str) -> ProcessSpec:
         for p in self.processes:
@@ -557,6 +560,12 @@ def _builtin_proxy_argv(
         _timeout_text(proxy.read_timeout_s),
         "--request-timeout",
         _timeout_text(proxy.request_timeout_s),
+        "--retries",
+        str(proxy.retries),
+        "--breaker-failures",
+        str(proxy.breaker_failures),
+        "--breaker-cooldown",
+        _timeout_text(proxy.breaker_cooldown_s),
     ]
     for w in workers:
         if w.role == "prefill":
@@ -665,6 +674,7 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
                 bootstrap_port=boot.get(name),
                 argv=[],
                 env={},
+                restart=role.restart,
             )  # fmt: skip
         )
     rej.raise_if_any(topology, source)
@@ -719,6 +729,7 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
             bootstrap_port=None,
             argv=pargv,
             env={"PYTHONUNBUFFERED": "1"},
+            restart=topology.proxy.restart,
         )  # fmt: skip
     )
     order = {r: i for i, r in enumerate((*ROLES, "proxy"))}
@@ -730,4 +741,5 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
         source=source,
         hosts=[host_specs[h.name] for h in topology.hosts],
         processes=procs,
+        keeper=topology.keeper,
     )

@@ -12,6 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 ROLES = ("encoder", "prefill", "decode", "colocated")
+RESTART_POLICIES = ("no", "on-failure", "always")
+RestartPolicy = Literal["no", "on-failure", "always"]
+
+
+def _restart_text(value: object) -> object:
+    # YAML 1.1 reads a bare `no` as false (docker compose has the same trap): take it as meant
+    return "no" if value is False else value
 
 
 class Strict(BaseModel):
@@ -85,6 +92,13 @@ class Role(Strict):
     max_pages: int | None = Field(None, ge=1)
     max_batch: int | None = Field(None, ge=1)
     chunk_size: int | None = Field(None, ge=1)
+    # what the keeper does when a replica exits: docs/topology.md, `keeper`
+    restart: RestartPolicy = "on-failure"
+
+    @field_validator("restart", mode="before")
+    @classmethod
+    def _restart_no(cls, value: object) -> object:
+        return _restart_text(value)
 
     @field_validator("env", mode="before")
     @classmethod
@@ -125,6 +139,37 @@ class Proxy(Strict):
     # worker is noticed long before the whole request's budget is spent
     read_timeout_s: float = Field(60.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)  # builtin proxy: one request, end to end
+    # builtin proxy: a request whose prefill failed before the client got a byte is sent again, to
+    # another prefill, at most this many times
+    retries: int = Field(2, ge=0, le=10)
+    # builtin proxy: a worker that leaves this many requests in a row unanswered is out of rotation for
+    # breaker_cooldown_s, then gets one trial request
+    breaker_failures: int = Field(3, ge=1)
+    breaker_cooldown_s: float = Field(10.0, gt=0)
+    restart: RestartPolicy = "on-failure"
+
+    @field_validator("restart", mode="before")
+    @classmethod
+    def _restart_no(cls, value: object) -> object:
+        return _restart_text(value)
+
+
+class Keeper(Strict):
+    """How the keeper paces restarts: the n-th restart of a process within `window_s` waits
+    `backoff_s * 2**(n-1)` (at most `backoff_max_s`); past `max_restarts` in the window it gives up."""
+
+    backoff_s: float = Field(5.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    max_restarts: int = Field(5, ge=1)
+    window_s: float = Field(300.0, gt=0)
+    # a restarted process must be healthy within this, or it counts as another failure
+    health_timeout_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _cap_above_base(self) -> Keeper:
+        if self.backoff_max_s < self.backoff_s:
+            raise ValueError("backoff_max_s must be at least backoff_s")
+        return self
 
 
 class Topology(Strict):
@@ -138,6 +183,7 @@ class Topology(Strict):
     decode: Role | None = None
     colocated: Role | None = None
     proxy: Proxy = Proxy()
+    keeper: Keeper = Keeper()
 
     # where each field came from in the YAML file: path tuple -> line (filled by load.py)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)

@@ -50,7 +50,7 @@ def test_defaults():
     assert (r.replicas, r.tp, r.dp, r.ep, r.hosts, r.port, r.bind, r.extra_args, r.env) == (
         1, 1, 1, 1, None, None, None, [], {},
     )  # fmt: skip
-    assert (t.proxy.port, t.proxy.policy, t.proxy.use, t.proxy.bind) == (8000, "round_robin", "builtin", None)
+    assert (t.proxy.port, t.proxy.policy, t.proxy.use, t.proxy.bind) == (8000, "round_robin", "auto", None)
 
 
 def test_good_file_loads(tmp_path):

@@ -134,7 +134,9 @@ class Proxy(Strict):
     port: int = Field(8000, ge=1, le=65535)
     bind: str | None = None
     policy: Literal["round_robin", "random", "least_load", "power_of_two"] = "round_robin"
-    use: Literal["builtin", "mini_lb"] = "builtin"  # mini_lb: SGLang's own, engine sglang only
+    # auto: sglang_router for engine sglang (SGLang's mini_lb when sglang.version predates the router's
+    # takeover), the builtin proxy otherwise; router and mini_lb need engine sglang (docs/sglang.md)
+    use: Literal["auto", "builtin", "router", "mini_lb"] = "auto"
     # builtin proxy: the longest silence between two bytes of a worker's (streamed) answer, so a frozen
     # worker is noticed long before the whole request's budget is spent
     read_timeout_s: float = Field(60.0, gt=0)
@@ -172,6 +174,11 @@ class Keeper(Strict):
         return self
 
 
+class Sglang(Strict):
+    # the SGLang release the commands are rendered for; unset: the one disaggctl pins (docs/sglang.md)
+    version: str | None = Field(None, pattern=r"^\d+\.\d+\.\d+(\.post\d+)?$")
+
+
 class Topology(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     engine: Literal["embedded", "sglang"] = "embedded"
@@ -184,6 +191,7 @@ class Topology(Strict):
     colocated: Role | None = None
     proxy: Proxy = Proxy()
     keeper: Keeper = Keeper()
+    sglang: Sglang = Sglang()
 
     # where each field came from in the YAML file: path tuple -> line (filled by load.py)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)

@@ -73,6 +73,8 @@ class Plan(BaseModel):
     hosts: list[HostSpec]
     processes: list[ProcessSpec]
     keeper: Keeper = Keeper()
+    # engine sglang: the SGLang release the commands are rendered for (pre-flight compares the hosts')
+    sglang_version: str | None = None
 
     def process(self, name: str) -> ProcessSpec:
         for p in self.processes:
@@ -281,11 +283,10 @@ def _check_roles(topology: Topology, rej: _Rejections) -> None:
                 "(a local model is multimodal when its config.json has vision_config; "
                 "otherwise set model.multimodal: true)",
             )
-    if t.proxy.use == "mini_lb":
-        if t.engine != "sglang":
-            rej.add(("proxy", "use"), "mini_lb is SGLang's proxy: it needs engine: sglang")
-        elif not t.prefill:
-            rej.add(("proxy", "use"), "mini_lb only routes prefill/decode pairs; use builtin for colocated")
+    from disaggctl.topology.sglang import topology_issues
+
+    for path, message in topology_issues(t):
+        rej.add(path, message)
     names = [h.name for h in t.hosts]
     if t.proxy.host is not None and t.proxy.host not in names:
         rej.add(("proxy", "host"), f"unknown host {t.proxy.host!r} (hosts: {', '.join(names)})")
@@ -427,8 +428,15 @@ def _span(gpus: list[int]) -> str:
     return f"{gpus[0]}-{gpus[-1]}" if len(gpus) > 1 else str(gpus[0])
 
 
+def gpu_nics(gpu: int, host_gpus: int, nics: list[str]) -> list[str]:
+    """GPU i's NICs: nics[i * len(nics) // gpus] (the NIC sharing its PCIe switch), or, with more NICs
+    than GPUs, its whole share nics[i * n // gpus : (i + 1) * n // gpus]."""
+    start = gpu * len(nics) // host_gpus
+    return nics[start : max(start + 1, (gpu + 1) * len(nics) // host_gpus)]
+
+
 def nics_for(gpus: list[int], host: Host, override: list[str] | None) -> list[str]:
-    """GPU i -> nics[i * len(nics) // gpus] (the NIC sharing its PCIe switch); distinct, in GPU order."""
+    """The distinct NICs of the process's GPUs, in GPU order; a process without GPUs gets them all."""
     nics = list(host.nics if override is None else override)
     if not nics:
         return []
@@ -436,9 +444,7 @@ def nics_for(gpus: list[int], host: Host, override: list[str] | None) -> list[st
         return nics
     out: list[str] = []
     for g in gpus:
-        nic = nics[g * len(nics) // host.gpus]
-        if nic not in out:
-            out.append(nic)
+        out += [nic for nic in gpu_nics(g, host.gpus, nics) if nic not in out]
     return out
 
 
@@ -471,19 +477,6 @@ class _Ports:
 
 
 # -- command lines -------------------------------------------------------------------------------------
-
-
-def _mooncake_env(timeout_s: float, protocol: str) -> dict[str, str]:
-    seconds = str(max(1, math.ceil(timeout_s)))
-    env = {
-        "MC_TRANSFER_TIMEOUT": seconds,
-        "MC_TCP_PROGRESS_TIMEOUT_SEC": seconds,
-        "MC_TCP_STATUS_TIMEOUT_SEC": seconds,
-        "MC_LOG_LEVEL": "WARNING",
-    }
-    if protocol == "tcp":
-        env["MC_FORCE_TCP"] = "1"
-    return env
 
 
 def _timeout_text(timeout_s: float) -> str:
@@ -687,19 +680,19 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
     if topology.engine == "sglang":
         from disaggctl.topology import sglang
 
-    encoders = [p for p in procs if p.role == "encoder"]
     for p in procs:
         role = roles[p.role]
         python = host_specs[p.host].python
         env = {"PYTHONUNBUFFERED": "1"}
+        # the embedded runtime sets Mooncake's MC_* variables itself, from --transfer-protocol and
+        # --transfer-timeout; SGLang reads them (and its own) from the environment
         if topology.engine == "embedded":
             p.argv = _embedded_argv(p, role, topology, python, protocol_of[p.name], procs)
             if p.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, p.gpus))
         else:
-            p.argv = sglang.worker_argv(p, role, topology, python, encoders)
-        if p.role in ("encoder", "prefill", "decode"):
-            env.update(_mooncake_env(topology.transfer.timeout_s, protocol_of[p.name]))
+            p.argv = sglang.worker_argv(p, role, topology, python, procs)
+            env.update(sglang.transfer_env(p, topology, procs))
         env.update(role.env)
         p.env = env
 
@@ -707,9 +700,8 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
     pbind = topology.proxy.bind or default_bind(ph.address)
     workers = [p for p in procs if p.role in ("prefill", "decode", "colocated")]
     python = host_specs[proxy_host].python
-    if topology.proxy.use == "mini_lb":
-        pargv = sglang.mini_lb_argv(python, pbind, topology.proxy.port, workers)
-    else:
+    pargv = sglang.proxy_argv(topology, python, pbind, workers) if topology.engine == "sglang" else None
+    if pargv is None:
         pargv = _builtin_proxy_argv(python, pbind, topology.proxy.port, topology.proxy, workers)
     procs.append(
         ProcessSpec(
@@ -734,6 +726,10 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
     )
     order = {r: i for i, r in enumerate((*ROLES, "proxy"))}
     procs.sort(key=lambda p: (order[p.role], p.replica))
+    if topology.engine == "sglang":
+        for path, message in sglang.command_issues(topology, procs):
+            rej.add(path, message)
+        rej.raise_if_any(topology, source)
     return Plan(
         name=topology.name,
         engine=topology.engine,
@@ -742,4 +738,5 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
         hosts=[host_specs[h.name] for h in topology.hosts],
         processes=procs,
         keeper=topology.keeper,
+        sglang_version=sglang.render_version(topology) if topology.engine == "sglang" else None,
     )

@@ -223,6 +223,15 @@ def up(
         bool, typer.Option("--force-recreate", help="Restart processes whose spec changed.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            "-d",
+            help="Accepted for docker compose habits: `up` always returns once every process is "
+            "healthy, and leaves the keeper running in the background.",
+        ),
+    ] = False,
 ) -> None:
     if timeout <= 0:
         raise _fail("--timeout must be positive", EXIT_USAGE)
@@ -296,6 +305,33 @@ def _load_deployment(name: str | None) -> Any:
     return st
 
 
+def _policies(name: str) -> dict[str, str]:
+    """Each process's restart policy, from the plan the keeper restarts from ({} without a keeper)."""
+    from disaggctl.launch import state
+
+    try:
+        doc = json.loads(state.keeper_plan_path(name).read_text())
+        return {p["name"]: p.get("restart", "on-failure") for p in doc["processes"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _keeper_view(rec: Any, alive: bool | None, now: float) -> tuple[str, str]:
+    """(state, one phrase) of what the keeper does about a process: `status` shows both."""
+    what = rec.keeper_state
+    restarts = f"restart {rec.restarts}" if rec.restarts else ""
+    if what == "backoff":
+        wait = max(0.0, (rec.next_restart_at or now) - now)
+        return what, f"{rec.last_exit}; restarting in {wait:.0f} s"
+    if what == "crash-loop":
+        return what, f"crash-loop after {rec.restarts} restart(s): {rec.last_exit}"
+    if what == "exited":
+        return what, f"{rec.last_exit} (not restarted)"
+    if what == "starting":
+        return what, f"starting ({restarts})" if restarts else "starting"
+    return ("running" if alive else "dead" if alive is False else "unknown"), ""
+
+
 def status(
     name: Annotated[str | None, typer.Argument(help="Deployment name (default: the only one).")] = None,
     name_opt: Annotated[str | None, typer.Option("--name", help="Deployment name.")] = None,
@@ -305,12 +341,15 @@ def status(
 
     st = _load_deployment(name or name_opt)
     rows = supervisor.status(st)
+    keeper = supervisor.keeper_status(st)
+    policies = _policies(st.name)
     now = time.time()
-    healthy = bool(rows) and all(r.healthy for r in rows)
+    healthy = bool(rows) and all(r.healthy for r in rows) and (keeper is None or keeper.healthy)
     if json_out:
         procs = []
         for r in rows:
             rec = r.rec
+            kstate, kdetail = _keeper_view(rec, r.alive, now)
             procs.append(
                 {
                     "name": rec.name,
@@ -330,27 +369,67 @@ def status(
                     "uptime_s": round(now - rec.started_at, 1) if r.alive else None,
                     "log_path": rec.log_path,
                     "error": r.error or None,
+                    "restart": policies.get(rec.name),
+                    "restarts": rec.restarts,
+                    "state": kstate,
+                    "state_detail": kdetail or None,
+                    "last_exit": rec.last_exit,
+                    "next_restart_in_s": (
+                        round(max(0.0, rec.next_restart_at - now), 1)
+                        if kstate == "backoff" and rec.next_restart_at
+                        else None
+                    ),
+                    "last_log_lines": rec.log_tail if rec.keeper_state else [],
                 }
             )
         doc = {"schema_version": SCHEMA_VERSION, "name": st.name, "source": st.source, "healthy": healthy}
         doc["processes"] = procs
+        doc["keeper"] = (
+            {
+                "pid": keeper.rec.pid,
+                "alive": keeper.alive,
+                "uptime_s": round(now - keeper.rec.started_at, 1) if keeper.alive else None,
+                "log_path": keeper.rec.log_path,
+            }
+            if keeper is not None
+            else None
+        )
         typer.echo(json.dumps(doc, indent=2))
     else:
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(
             title=f"{st.name} ({st.kind or 'deployment'}, engine {st.engine})", title_justify="left"
         )
-        for col in ("process", "role", "host", "GPUs", "NIC", "ports", "pid", "alive", "health", "uptime"):
+        cols = (
+            "process",
+            "role",
+            "host",
+            "GPUs",
+            "NIC",
+            "ports",
+            "pid",
+            "alive",
+            "health",
+            "restarts",
+            "uptime",
+        )
+        for col in cols:
             table.add_column(col)
         for r in rows:
             rec = r.rec
             ports = str(rec.port or "-") + (f" (+{rec.bootstrap_port})" if rec.bootstrap_port else "")
             alive = {True: "[green]yes[/]", False: "[red]no[/]", None: "[yellow]?[/]"}[r.alive]
-            if r.health is not None:
+            kstate, kdetail = _keeper_view(rec, r.alive, now)
+            if kdetail:
+                colour = "yellow" if kstate in ("backoff", "starting") else "red"
+                hl = f"[{colour}]{escape(kdetail)}[/]"
+            elif r.health is not None:
                 hl = f"[green]{r.health.detail}[/]" if r.health.ok else f"[red]{r.health.detail}[/]"
             else:
                 hl = f"[yellow]unknown: {r.error}[/]" if r.alive is None else "[red]-[/]"
+            policy = policies.get(rec.name)
             table.add_row(
                 rec.name,
                 rec.role,
@@ -361,15 +440,47 @@ def status(
                 str(rec.pid),
                 alive,
                 hl,
+                f"{rec.restarts}" + (f" ({policy})" if policy else ""),
                 _uptime(now - rec.started_at) if r.alive else "-",
             )
-        _stdout_console().print(table)
+        if keeper is not None:
+            k = keeper.rec
+            table.add_row(
+                k.name,
+                "keeper",
+                k.host,
+                "-",
+                "-",
+                "-",
+                str(k.pid),
+                "[green]yes[/]" if keeper.alive else "[red]no[/]",
+                f"[green]{keeper.health.detail}[/]" if keeper.alive else f"[red]{keeper.health.detail}[/]",
+                "-",
+                _uptime(now - k.started_at) if keeper.alive else "-",
+            )
+        out = _stdout_console()
+        out.print(table)
+        for r in rows:
+            rec = r.rec
+            if rec.keeper_state not in ("crash-loop", "exited"):
+                continue
+            if not rec.log_tail:
+                out.print(f"\n{rec.name}: {rec.last_exit}; its log was empty", markup=False)
+                continue
+            out.print(f"\n{rec.name}: {rec.last_exit}; its last log lines:", markup=False)
+            for line in rec.log_tail:
+                out.print(f"  {rec.name} | {line}", markup=False, soft_wrap=True)
         proxy = st.proxy()
         if proxy is not None:
             typer.echo(f"proxy: {proxy.url}")
-        dead = [r.rec.name for r in rows if r.alive is False]
+        waiting = [r.rec.name for r in rows if r.alive is False and r.rec.keeper_state == "backoff"]
+        dead = [r.rec.name for r in rows if r.alive is False and r.rec.name not in waiting]
+        if waiting:
+            _err(f"restarting: {', '.join(waiting)} (the keeper starts them again after their back-off)")
         if dead:
             _err(f"not running: {', '.join(dead)} (stale; `disaggctl down` cleans up, `up` restarts them)")
+        if keeper is not None and not keeper.alive:
+            _err("the keeper is not running: processes that die stay dead until `disaggctl up`")
     if not healthy:
         raise typer.Exit(EXIT_UNHEALTHY)
 
@@ -393,13 +504,15 @@ def logs(
     if lines is not None and lines < 0:
         raise _fail("--tail must be 0 or more", EXIT_USAGE)
     st = _load_deployment(name)
+    # the keeper's log only when asked for: it is about the deployment, not one of its servers
+    keeper = [st.keeper] if st.keeper is not None and target in ("keeper",) else []
     try:
-        chosen = logview.select(st.processes, target)
+        chosen = keeper or logview.select(st.processes, target)
     except ValueError as e:
         raise _fail(str(e), EXIT_USAGE) from None
     prefix = logview.Prefixer([r.name for r in chosen], logview.want_colour(no_color, sys.stdout))
     backends = supervisor.Backends()
-    sources = [(r, backends.get(st.host(r.host))) for r in chosen]
+    sources = [(r, backends.local if r in keeper else backends.get(st.host(r.host))) for r in chosen]
     out = sys.stdout
     try:
         if not follow:

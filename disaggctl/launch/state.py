@@ -2,7 +2,8 @@
 
 Layout: `$DISAGGCTL_HOME/<name>/` (default `$XDG_STATE_HOME/disaggctl/<name>/`, i.e.
 `~/.local/state/disaggctl/<name>/`) holds `state.json`, `.lock`, `secret` (the deployment secret, while
-anything of the deployment runs) and `logs/` (local processes' logs). The directory is 0700 and every
+anything of the deployment runs), `logs/` (local processes' logs), and the keeper's `keeper.json` (the
+plan it restarts processes from) and `keeper.log`. The directory is 0700 and every
 file in it 0600: logs and the environment of processes may hold what other users must not read.
 The state is rewritten after every process start, so that `down` can clean up after an `up` that failed
 half-way. Only stdlib and pydantic here: `disaggctl status` reads this module and must start fast.
@@ -28,6 +29,8 @@ SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 SECRET_FILE = "secret"
+KEEPER_PLAN = "keeper.json"
+KEEPER_LOG = "keeper.log"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -55,6 +58,14 @@ class ProcRecord(BaseModel):
     port: int | None = None
     bootstrap_port: int | None = None
     health_path: str = "/health"
+    # written by the keeper (launch/keeper.py): how often it restarted this process, and what it is
+    # doing about it now ("" while it runs as started; see keeper.STATES)
+    restarts: int = 0
+    keeper_state: str = ""
+    last_exit: str | None = None  # how the last instance ended, e.g. "killed by SIGKILL", "exit status 1"
+    exited_at: float | None = None
+    next_restart_at: float | None = None  # wall clock, while keeper_state is "backoff"
+    log_tail: list[str] = []  # the last lines of the instance that ended, kept past the log's rotation
 
 
 class HostRecord(BaseModel):
@@ -77,6 +88,8 @@ class DeploymentState(BaseModel):
     created_at: float
     hosts: list[HostRecord] = []
     processes: list[ProcRecord] = []
+    # the keeper process `up` leaves running (not one of the plan's processes)
+    keeper: ProcRecord | None = None
 
     def host(self, name: str) -> HostRecord:
         for h in self.hosts:
@@ -123,6 +136,14 @@ def secret_path(name: str) -> Path:
     return deployment_dir(name) / SECRET_FILE
 
 
+def keeper_plan_path(name: str) -> Path:
+    return deployment_dir(name) / KEEPER_PLAN
+
+
+def keeper_log_path(name: str) -> Path:
+    return deployment_dir(name) / KEEPER_LOG
+
+
 def private_dir(path: str | Path) -> Path:
     """Make `path` (and missing parents) a directory only its owner can enter: 0700 whatever the umask.
     An existing directory is tightened too, so state written by an older version becomes private."""
@@ -155,9 +176,12 @@ def load(name: str) -> DeploymentState | None:
 
 def save(st: DeploymentState) -> Path:
     """Write the state atomically: a temp file in the same directory, fsync, rename, fsync the directory."""
-    path = state_path(st.name)
     ensure_deployment_dir(st.name)
-    data = st.model_dump_json(indent=2).encode()
+    return write_private(state_path(st.name), st.model_dump_json(indent=2).encode())
+
+
+def write_private(path: Path, data: bytes) -> Path:
+    """Replace `path` with `data` atomically, readable by its owner only."""
     # mkstemp creates the file 0600, and the rename keeps that mode
     fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=path.parent)
     try:
@@ -182,6 +206,11 @@ def remove(name: str) -> None:
     """Forget the deployment (its logs stay for the post-mortem)."""
     with contextlib.suppress(FileNotFoundError):
         state_path(name).unlink()
+
+
+def remove_keeper_plan(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        keeper_plan_path(name).unlink()
 
 
 def remove_secret(name: str) -> None:

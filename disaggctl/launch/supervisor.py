@@ -10,6 +10,10 @@ Every process gets the deployment secret as a 0600 file named by DISAGGCTL_SECRE
 `up` makes it when nothing of the deployment runs, and reuses it while something does, so that kept and
 restarted processes share it; `down` removes it (and the hosts' copies) once everything is stopped. The
 secret is never part of the plan: not in a command line, a process's `env` or a spec hash.
+
+`up` ends by leaving a keeper (launch/keeper.py) that restarts what dies, by each process's `restart`
+policy; `up` and `down` stop it first, under the deployment's lock, so that it never restarts what they
+stop or start.
 """
 
 from __future__ import annotations
@@ -108,6 +112,10 @@ class Backends:
         self._remote: dict[str, Any] = {}
         self._lock = threading.Lock()
 
+    @property
+    def local(self) -> LocalBackend:
+        return self._local
+
     def get(self, host: HostRecord) -> Any:
         if host.local:
             return self._local
@@ -122,6 +130,22 @@ class Backends:
         """Whether this command made a backend for the remote host `name`."""
         with self._lock:
             return name in self._remote
+
+
+def described(rec: ProcRecord, spec: Any, spec_hash: str) -> ProcRecord:
+    """A backend's record of a started process, with what `status` shows about it from its spec."""
+    return rec.model_copy(
+        update={
+            "spec_hash": spec_hash,
+            "role": spec.role,
+            "address": spec.address,
+            "gpus": list(spec.gpus or []),
+            "nics": list(spec.nics or []),
+            "port": spec.port,
+            "bootstrap_port": spec.bootstrap_port,
+            "health_path": spec.health_path or "/health",
+        }
+    )
 
 
 def run_dir(deployment: str, host: HostRecord) -> str:
@@ -148,7 +172,8 @@ def up(
 ) -> UpResult:
     """Bring the deployment to the plan. Starts what is missing, leaves alone what runs with the same spec
     hash, refuses (DriftError) what runs with another spec unless `force_recreate`. On failure, stops
-    what this call started and raises LaunchError."""
+    what this call started and raises LaunchError. Whatever runs at the end is left to a new keeper
+    (launch/keeper.py) that restarts processes by their `restart` policy."""
     t0 = time.monotonic()
     result = UpResult()
     backends = Backends()
@@ -158,9 +183,9 @@ def up(
     with state.locked(plan.name):
         st = state.load(plan.name)
         keep: list[ProcRecord] = []
+        changed: list[ProcRecord] = []
+        stale: list[ProcRecord] = []
         if st is not None:
-            changed: list[ProcRecord] = []
-            stale: list[ProcRecord] = []
             for rec, alive, err in _probe_alive(st, backends):
                 if err:
                     raise LaunchError(f"cannot check {rec.name} on host {rec.host}: {err}", process=rec.name)
@@ -177,55 +202,121 @@ def up(
                     f"deployment {plan.name} is running with a different spec for {names}; "
                     "run `disaggctl down` first, or `up --force-recreate`"
                 )
-            # A dead leader may leave live members of its process group (holding ports): stop them too.
-            _stop_all(st, stale + changed, backends, grace_s, report)
-            result.stale = [r.name for r in stale]
-            result.recreated = [r.name for r in changed]
-        st = DeploymentState(
-            name=plan.name,
-            source=str(getattr(plan, "source", "") or ""),
-            engine=str(getattr(plan, "engine", "embedded")),
-            kind=str(getattr(plan, "kind", "")),
-            created_at=st.created_at if st is not None and keep else time.time(),
-            hosts=list(hosts.values()),
-            processes=keep,
-        )
-        result.kept = [r.name for r in keep]
-        to_start = [p for p in plan.processes if p.name not in set(result.kept)]
-        if not to_start:
-            state.save(st)
-            result.proxy_url = _proxy_url(st)
-            result.seconds = time.monotonic() - t0
-            return result
-        if check_hosts:
-            _preflight(plan, to_start)
-        if st.processes:
-            state.save(st)
-        else:
-            state.remove(plan.name)  # nothing runs yet: the first start writes the state
-        secret = _deployment_secret(plan.name, reuse=bool(st.processes))
-        started: list[ProcRecord] = []
         try:
-            for level in levels(to_start):
-                recs = _start_level(st, level, hosts, hashes, backends, started, report, secret)
-                _wait_healthy(recs, backends, hosts, timeout_s, report)
-        except BaseException as e:
-            if started:
-                report("-", f"stopping what this up started ({len(started)} process(es))")
-                try:
-                    _stop_all(st, started, backends, grace_s, report)
-                except LaunchError as stop_error:
-                    if isinstance(e, LaunchError):
-                        raise LaunchError(f"{e}; and then {stop_error}", e.log_tail, e.process) from e
-                    raise
-            if not st.processes:
-                state.remove(plan.name)
-                _forget_secret(st, started, backends, report)
-            raise
-        result.started = [r.name for r in started]
+            if st is not None:
+                # From here on `up` changes the deployment: the old keeper must not restart what `up`
+                # stops or starts; a new one, with this plan, takes over at the end.
+                _stop_keeper(st, grace_s, report)
+                # A dead leader may leave live members of its process group (holding ports): stop them too.
+                _stop_all(st, stale + changed, backends, grace_s, report)
+                result.stale = [r.name for r in stale]
+                result.recreated = [r.name for r in changed]
+            st = DeploymentState(
+                name=plan.name,
+                source=str(getattr(plan, "source", "") or ""),
+                engine=str(getattr(plan, "engine", "embedded")),
+                kind=str(getattr(plan, "kind", "")),
+                created_at=st.created_at if st is not None and keep else time.time(),
+                hosts=list(hosts.values()),
+                processes=keep,
+            )
+            result.kept = [r.name for r in keep]
+            to_start = [p for p in plan.processes if p.name not in set(result.kept)]
+            if not to_start:
+                state.save(st)
+            else:
+                _start(
+                    plan,
+                    st,
+                    to_start,
+                    result,
+                    backends,
+                    hosts,
+                    hashes,
+                    timeout_s,
+                    report,
+                    check_hosts,
+                    grace_s,
+                )
+        finally:
+            _hand_to_keeper(plan, report)
         result.proxy_url = _proxy_url(st)
         result.seconds = time.monotonic() - t0
         return result
+
+
+def _start(
+    plan: Any,
+    st: DeploymentState,
+    to_start: list,
+    result: UpResult,
+    backends: Backends,
+    hosts: dict[str, HostRecord],
+    hashes: dict[str, str],
+    timeout_s: float,
+    report: Report,
+    check_hosts: bool,
+    grace_s: float,
+) -> None:
+    if check_hosts:
+        _preflight(plan, to_start)
+    if st.processes:
+        state.save(st)
+    else:
+        state.remove(plan.name)  # nothing runs yet: the first start writes the state
+    secret = _deployment_secret(plan.name, reuse=bool(st.processes))
+    started: list[ProcRecord] = []
+    try:
+        for level in levels(to_start):
+            recs = _start_level(st, level, hosts, hashes, backends, started, report, secret)
+            _wait_healthy(recs, backends, hosts, timeout_s, report)
+    except BaseException as e:
+        if started:
+            report("-", f"stopping what this up started ({len(started)} process(es))")
+            try:
+                _stop_all(st, started, backends, grace_s, report)
+            except LaunchError as stop_error:
+                if isinstance(e, LaunchError):
+                    raise LaunchError(f"{e}; and then {stop_error}", e.log_tail, e.process) from e
+                raise
+        if not st.processes:
+            state.remove(plan.name)
+            _forget_secret(st, started, backends, report)
+        raise
+    result.started = [r.name for r in started]
+
+
+def _stop_keeper(st: DeploymentState, grace_s: float, report: Report) -> str:
+    """Stop the deployment's keeper (the caller holds the lock) and forget it in the state.
+    -> "stopped" | "killed" | "gone"."""
+    from disaggctl.launch import keeper
+
+    if st.keeper is None:
+        return "gone"
+    outcome = keeper.stop(st.keeper, grace_s)
+    report("keeper", outcome)
+    st.keeper = None
+    state.save(st)
+    return outcome
+
+
+def _hand_to_keeper(plan: Any, report: Report) -> None:
+    """Start a keeper for what runs now (the caller holds the lock), unless nothing does or no process
+    of the plan is to be restarted."""
+    from disaggctl.launch import keeper
+
+    st = state.load(plan.name)
+    if st is None or not st.processes:
+        return
+    if not any(p.restart != "no" for p in plan.processes):
+        return
+    try:
+        st.keeper = keeper.start(plan)
+    except OSError as e:
+        report("-", f"could not start the keeper: {_describe(e)}; processes that die stay dead")
+        return
+    state.save(st)
+    report("keeper", f"started, pid {st.keeper.pid}")
 
 
 def _deployment_secret(name: str, reuse: bool) -> str:
@@ -300,18 +391,7 @@ def _start_level(
             rec = backends.get(host).start(spec, run_dir(st.name, host), secret_file=secret_file)
         except Exception as e:
             raise LaunchError(f"{spec.name}: {_describe(e)}", process=spec.name) from e
-        rec = rec.model_copy(
-            update={
-                "spec_hash": hashes[spec.name],
-                "role": spec.role,
-                "address": spec.address,
-                "gpus": list(spec.gpus or []),
-                "nics": list(spec.nics or []),
-                "port": spec.port,
-                "bootstrap_port": spec.bootstrap_port,
-                "health_path": spec.health_path or "/health",
-            }
-        )
+        rec = described(rec, spec, hashes[spec.name])
         with lock:
             st.processes.append(rec)
             started.append(rec)
@@ -420,11 +500,16 @@ def down(name: str, *, grace_s: float = DEFAULT_GRACE_S, report: Report = _quiet
             raise state.NoDeployment(f"no deployment named {name!r}")
         backends = Backends()
         recs = list(st.processes)
+        outcomes: list[tuple[str, str]] = []
+        if st.keeper is not None:
+            # first, or it would restart what is being stopped
+            outcomes.append(("keeper", _stop_keeper(st, grace_s, report)))
         try:
-            outcomes = _stop_all(st, recs, backends, grace_s, report)
+            outcomes += _stop_all(st, recs, backends, grace_s, report)
         finally:
             if not st.processes:
                 state.remove(name)
+                state.remove_keeper_plan(name)
                 _forget_secret(st, recs, backends, report)
         return outcomes
 
@@ -459,3 +544,12 @@ def status(st: DeploymentState, timeout_s: float = health.DEFAULT_TIMEOUT_S) -> 
         return []
     with ThreadPoolExecutor(max_workers=min(16, len(alive))) as pool:
         return list(pool.map(one, alive))
+
+
+def keeper_status(st: DeploymentState) -> ProcStatus | None:
+    """The keeper's row: it serves nothing, so being alive is its health."""
+    if st.keeper is None:
+        return None
+    alive = LocalBackend().alive(st.keeper)
+    detail = "keeping the deployment" if alive else "not running: processes that die stay dead"
+    return ProcStatus(st.keeper, alive, health.Health(alive, None, detail))

@@ -22,10 +22,13 @@ app = typer.Typer(
 )
 
 app.command(help="Validate a topology and print its process plan (dry run).")(plan)
-app.command(help="Launch every process of a topology; wait for health; proxy last. Idempotent.")(up)
+app.command(
+    help="Launch every process of a topology; wait for health; proxy last; return, leaving a keeper that "
+    "restarts processes that die by their `restart` policy (-d is the same). Idempotent."
+)(up)
 app.command(help="Show every process of the running deployment.")(status)
 app.command(help="Show (or follow) the logs of the deployment's processes.")(logs)
-app.command(help="Stop every process of the deployment: SIGTERM, wait, SIGKILL.")(down)
+app.command(help="Stop the keeper, then every process of the deployment: SIGTERM, wait, SIGKILL.")(down)
 app.command(help="Serving benchmark against the deployment's proxy or any --url.")(bench)
 
 

@@ -68,7 +68,9 @@ def _option_name(node: ast.AST) -> str | None:
         for v in node.values:
             if isinstance(v, ast.Constant):
                 parts.append(str(v.value))
-            elif isinstance(v, ast.FormattedValue) and isinstance(v.value, ast.Name) and v.value.id == "prefix":
+            elif (
+                isinstance(v, ast.FormattedValue) and isinstance(v.value, ast.Name) and v.value.id == "prefix"
+            ):
                 continue
             else:
                 return None
@@ -98,11 +100,17 @@ class _Actions:
                     self.nargs[cls.name] = None
                     continue
                 args = init.args
-                defaults = dict(
-                    zip([a.arg for a in args.args][-len(args.defaults) :], args.defaults, strict=False)
-                ) if args.defaults else {}
+                defaults = (
+                    dict(zip([a.arg for a in args.args][-len(args.defaults) :], args.defaults, strict=False))
+                    if args.defaults
+                    else {}
+                )
                 defaults.update(
-                    {a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None}
+                    {
+                        a.arg: d
+                        for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)
+                        if d is not None
+                    }
                 )
                 ok, value = _literal(defaults.get("nargs"))
                 self.nargs[cls.name] = value if ok else None
@@ -202,7 +210,8 @@ def annotated_fields(trees: list[ast.Module], actions: _Actions) -> dict:
                 field = stmt.target.id
                 name = _literal(meta.get("cli_name"))[1] or "--" + field.replace("_", "-")
                 ok, aliases = (
-                    (True, [a.value for a in meta["aliases"].elts]) if isinstance(meta.get("aliases"), ast.List)
+                    (True, [a.value for a in meta["aliases"].elts])
+                    if isinstance(meta.get("aliases"), ast.List)
                     else (False, [])
                 )
                 names = [name, *aliases]
@@ -215,7 +224,13 @@ def annotated_fields(trees: list[ast.Module], actions: _Actions) -> dict:
                             nargs = _nargs_value(v)
                 if "action" in meta:
                     switch, negate = actions.switch(meta["action"], nargs)
-                    _add(options, names, 0 if switch else (1 if nargs in (UNSET, None) else nargs), default, negate)
+                    _add(
+                        options,
+                        names,
+                        0 if switch else (1 if nargs in (UNSET, None) else nargs),
+                        default,
+                        negate,
+                    )
                     continue
                 if nargs is UNSET:
                     nargs = None
@@ -237,7 +252,17 @@ def annotated_fields(trees: list[ast.Module], actions: _Actions) -> dict:
 
 def _download(package: str, version: str, into: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(into), f"{package}=={version}"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(into),
+            f"{package}=={version}",
+        ],
         check=True,
     )
     stem = package.replace("-", "_")
@@ -310,7 +335,9 @@ def write(path: Path, package: str, version: str, commands: dict, how: str) -> N
     for module, options in commands.items():
         missing = [o for o in SANITY.get(module, []) if o not in options]
         if missing:
-            raise SystemExit(f"{package} {version} {module}: extraction misses {missing}; the source changed shape")
+            raise SystemExit(
+                f"{package} {version} {module}: extraction misses {missing}; the source changed shape"
+            )
     lines = [
         "{",
         f'  "package": {json.dumps(package)},',
@@ -327,8 +354,10 @@ def write(path: Path, package: str, version: str, commands: dict, how: str) -> N
         lines.append("    }" + ("," if i < len(commands) - 1 else ""))
     lines += ["  }", "}"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: "
-          + ", ".join(f"{m} {len(o)} options" for m, o in sorted(commands.items())))
+    print(
+        f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: "
+        + ", ".join(f"{m} {len(o)} options" for m, o in sorted(commands.items()))
+    )
 
 
 def main() -> None:
@@ -356,7 +385,13 @@ def main() -> None:
             else:
                 wheel = args.router_wheel or _download("sglang-router", args.router, Path(tmp))
                 commands, how = router_commands(wheel), f"read from {wheel.name}"
-            write(args.out / f"sglang-router-args-{args.router}.json", "sglang-router", args.router, commands, how)
+            write(
+                args.out / f"sglang-router-args-{args.router}.json",
+                "sglang-router",
+                args.router,
+                commands,
+                how,
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ pasted from the planner's output.
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,13 @@ def test_the_examples_are_there():
         "local-1p1d.yaml", "local-2p2d.yaml", "local-colocated.yaml", "two-host-2p1d.yaml", "epd.yaml", "ep.yaml",
         "local-1p1d-tp2.yaml",
     } <= names  # fmt: skip
+
+
+def gpu_share(g: int, host_gpus: int, nics: list[str]) -> list[str]:
+    # the topology rule, spelled out here: GPU i gets nics[i * n // gpus], or its whole share of them
+    # when the host lists more NICs than GPUs
+    start = g * len(nics) // host_gpus
+    return nics[start : max(start + 1, (g + 1) * len(nics) // host_gpus)]
 
 
 def flag(argv: list[str], name: str) -> str | None:
@@ -50,7 +59,7 @@ def test_example_plan_follows_the_rules(path):
     engine = raw.get("engine", "embedded")
     hosts = {h["name"]: h for h in raw["hosts"]}
     transfer = raw.get("transfer", {})
-    timeout = str(int(transfer.get("timeout_s", 30)))
+    timeout = str(math.ceil(transfer.get("timeout_s", 30)))
     proxy_cfg = raw.get("proxy", {})
 
     # one process per replica of each role, in start order, then the proxy
@@ -80,9 +89,7 @@ def test_example_plan_follows_the_rules(path):
             nics = role.get("nics", host.get("nics", []))
             want = []
             for g in p.gpus:
-                nic = nics[g * len(nics) // host["gpus"]] if nics else None
-                if nic and nic not in want:
-                    want.append(nic)
+                want += [n for n in gpu_share(g, host["gpus"], nics) if n not in want]
             assert p.nics == want
         else:
             assert p.gpus == [] and p.base_gpu_id is None
@@ -92,13 +99,24 @@ def test_example_plan_follows_the_rules(path):
 
         env = p.env
         assert env["PYTHONUNBUFFERED"] == "1"
-        if p.role != "colocated":
-            protocol = transfer.get("protocol", "auto")
+        protocol = transfer.get("protocol", "auto")
+        transfers = p.role != "colocated" or "encoder" in raw
+        if engine == "embedded":
+            # the runtime owns the transport: it sets MC_* from --transfer-protocol / --transfer-timeout
+            assert not [k for k in env if k.startswith("MC_") and k not in raw[p.role].get("env", {})]
             if protocol == "auto":
                 protocol = "rdma" if p.nics else "tcp"
-            assert ("MC_FORCE_TCP" in env) == (protocol == "tcp")
+        elif transfers:
+            forced = {"tcp": "MC_FORCE_TCP", "rdma": "MC_FORCE_HCA"}
+            for proto, name in forced.items():
+                assert (name in env) == (protocol == proto)
+            assert ("SGLANG_MOONCAKE_CUSTOM_MEM_POOL" in env) == (protocol == "nvlink")
             assert env["MC_TRANSFER_TIMEOUT"] == env["MC_TCP_PROGRESS_TIMEOUT_SEC"] == timeout
             assert env["MC_LOG_LEVEL"] == "WARNING"
+            sglang_timeout = env.get("SGLANG_DISAGGREGATION_WAITING_TIMEOUT")
+            assert sglang_timeout == (timeout if "timeout_s" in transfer else None)
+        else:
+            assert env == {"PYTHONUNBUFFERED": "1", **raw[p.role].get("env", {})}
         if engine == "embedded":
             assert p.argv[1:5] == ["-m", "disaggctl", "serve", p.role]
             assert flag(p.argv, "--host") == p.bind and flag(p.argv, "--port") == str(p.port)
@@ -125,10 +143,21 @@ def test_example_plan_follows_the_rules(path):
             assert flag(p.argv, "--model-path") == raw["model"]["path"]
             assert flag(p.argv, "--port") == str(p.port)
             assert flag(p.argv, "--tp-size") == (str(p.tp) if p.tp > 1 else None)
+            assert flag(p.argv, "--attn-dp-size") == (str(p.dp) if p.dp > 1 else None)
+            assert "--dp-size" not in p.argv  # SGLang's replicas: disaggctl's dp is attention DP
             assert flag(p.argv, "--base-gpu-id") == (str(p.gpus[0]) if p.gpus and p.gpus[0] else None)
             if p.role in ("prefill", "decode"):
                 assert flag(p.argv, "--disaggregation-mode") == p.role
-                assert flag(p.argv, "--disaggregation-ib-device") == (",".join(p.nics) or None)
+            if transfers:
+                nics = role.get("nics", host.get("nics", []))
+                per_gpu = {str(g): ",".join(gpu_share(g, host.get("gpus", 0), nics)) for g in p.gpus}
+                ib = flag(p.argv, "--disaggregation-ib-device")
+                if not p.nics:
+                    assert ib is None
+                elif len(set(per_gpu.values())) > 1:
+                    assert json.loads(ib) == per_gpu
+                else:
+                    assert ib == ",".join(p.nics)
             if p.role == "prefill":
                 boot = flag(p.argv, "--disaggregation-bootstrap-port")
                 assert boot == (None if p.bootstrap_port == 8998 else str(p.bootstrap_port))
@@ -147,10 +176,18 @@ def test_example_plan_follows_the_rules(path):
     assert proxy.bind == proxy_cfg.get("bind", hosts[proxy.host]["address"])
     prefills = [p for p in plan.processes if p.role == "prefill"]
     decodes = [p for p in plan.processes if p.role == "decode"]
-    if proxy_cfg.get("use", "builtin") == "mini_lb":
-        assert proxy.argv[1:3] == ["-m", "sglang.srt.disaggregation.mini_lb"]
-        assert flag_list(proxy.argv, "--prefill") == [p.url for p in prefills]
-        assert flag_list(proxy.argv, "--decode") == [d.url for d in decodes]
+    use = proxy_cfg.get("use", "auto")
+    if use == "auto" and engine == "sglang" and proxy_cfg.get("policy") != "least_load":
+        use = "router"
+    if use == "router":
+        assert proxy.argv[1:4] == ["-m", "sglang_router.launch_router", "--pd-disaggregation"]
+        pairs = [(proxy.argv[i + 1], proxy.argv[i + 2]) for i, t in enumerate(proxy.argv) if t == "--prefill"]
+        assert pairs == [(p.url, str(p.bootstrap_port)) for p in prefills]
+        assert [proxy.argv[i + 1] for i, t in enumerate(proxy.argv) if t == "--decode"] == [
+            d.url for d in decodes
+        ]
+        assert flag(proxy.argv, "--policy") == proxy_cfg.get("policy", "round_robin")
+        assert (flag(proxy.argv, "--host"), flag(proxy.argv, "--port")) == (proxy.bind, str(proxy.port))
     else:
         assert proxy.argv[1:5] == ["-m", "disaggctl", "serve", "proxy"]
         assert flag(proxy.argv, "--policy") == proxy_cfg.get("policy", "round_robin")

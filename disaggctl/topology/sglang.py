@@ -80,7 +80,9 @@ def ib_device(p: ProcessSpec, topology: Topology, role: Role) -> str | None:
     nics = list(host.nics if role.nics is None else role.nics)
     per_gpu = {g: ",".join(gpu_nics(g, host.gpus, nics)) for g in p.gpus}
     version = render_version(topology)
-    if len(set(per_gpu.values())) <= 1 or not _at_least(version, template()["launch_server"]["per_gpu_nics_since"]):
+    if len(set(per_gpu.values())) <= 1 or not _at_least(
+        version, template()["launch_server"]["per_gpu_nics_since"]
+    ):
         return ",".join(p.nics)
     return json.dumps({str(g): v for g, v in per_gpu.items()}, separators=(",", ":"))
 
@@ -191,15 +193,17 @@ def worker_argv(
 
 
 def proxy_kind(topology: Topology) -> str:
-    """builtin | router | mini_lb, with `auto` resolved."""
+    """builtin | router | mini_lb, with `auto` resolved: the router, or the mini_lb that came with a
+    pinned release that had one (the router would be one more package to install); the builtin proxy
+    for the embedded engine, and for a policy the router does not have."""
     use = topology.proxy.use
     if use != "auto":
         return use
-    if topology.engine != "sglang":
+    if topology.engine != "sglang" or topology.proxy.policy not in template()["router"]["policies"]:
         return "builtin"
     pinned = topology.sglang.version
     if pinned and topology.prefill and not _at_least(pinned, template()["mini_lb"]["removed_in"]):
-        return "mini_lb"  # it came with that SGLang; the router would be one more package to install
+        return "mini_lb"
     return "router"
 
 
@@ -221,15 +225,15 @@ def router_argv(python: str, bind: str, port: int, policy: str, workers: list[Pr
     return argv + [f["host"]["flag"], bind, f["port"]["flag"], str(port)]
 
 
-def mini_lb_argv(python: str, bind: str, port: int, workers: list[ProcessSpec], version: str | None) -> list[str]:
-    """SGLang's mini load balancer, in the list form of the release (comma-joined when none is pinned:
-    the form the original mini_lb and Mooncake's guide use)."""
+def mini_lb_argv(python: str, bind: str, port: int, workers: list[ProcessSpec], version: str) -> list[str]:
+    """SGLang's mini load balancer, in the list form of `version`'s: comma-joined for the original one
+    (the form of Mooncake's first guide), space-separated from lists_since."""
     t = template()["mini_lb"]
     f = t["flags"]
     prefills = [w for w in workers if w.role == "prefill"]
     decodes = [w for w in workers if w.role == "decode"]
     boot = [str(p.bootstrap_port) for p in prefills]
-    spaced = version is not None and _at_least(version, t["lists_since"])
+    spaced = _at_least(version, t["lists_since"])
 
     def values(items: list[str]) -> list[str]:
         return items if spaced else [",".join(items)]
@@ -249,7 +253,7 @@ def proxy_argv(topology: Topology, python: str, bind: str, workers: list[Process
     if kind == "router":
         return router_argv(python, bind, port, topology.proxy.policy, workers)
     if kind == "mini_lb":
-        return mini_lb_argv(python, bind, port, workers, topology.sglang.version)
+        return mini_lb_argv(python, bind, port, workers, render_version(topology))
     return None
 
 
@@ -271,8 +275,19 @@ def topology_issues(topology: Topology) -> list[tuple[tuple, str]]:
         removed = template()["mini_lb"]["removed_in"]
         pinned = topology.sglang.version
         if not topology.prefill:
-            issues.append((("proxy", "use"), "mini_lb only routes prefill/decode pairs; use router for colocated"))
-        elif pinned and _at_least(pinned, removed):
+            issues.append(
+                (("proxy", "use"), "mini_lb only routes prefill/decode pairs; use router for colocated")
+            )
+        elif not pinned:
+            issues.append(
+                (
+                    ("proxy", "use"),
+                    f"mini_lb needs sglang.version: SGLang {removed} removed it and its flags changed at "
+                    f"{template()['mini_lb']['lists_since']}, so the release decides its command line; "
+                    "set the one you run, or use router",
+                )
+            )
+        elif _at_least(pinned, removed):
             issues.append(
                 (
                     ("proxy", "use"),
@@ -319,16 +334,24 @@ def command_issues(topology: Topology, procs: list[ProcessSpec]) -> list[tuple[t
         rendered = [x for x in problems if base and x in base[1]]
         added = [x for x in problems if x not in rendered]
         where = ("proxy", "use") if p.role == "proxy" else (p.role,)
-        for path, items, text in (
-            (where, rendered, f"{p.name}'s command uses what {label} does not have"),
-            ((p.role, "extra_args"), added, f"{label} would refuse these arguments"),
+        for path, items, text, hint in (
+            (
+                where,
+                rendered,
+                f"{p.name}'s command uses what {label} does not have",
+                "the topology asks for a feature of another release; set sglang.version to the one you run",
+            ),
+            (
+                (p.role, "extra_args"),
+                added,
+                f"{label} would refuse these arguments",
+                "a typo, or options of another release: set sglang.version to the one you run",
+            ),
         ):
             key = (path, tuple(items))
             if items and key not in seen:
                 seen.add(key)
-                issues.append(
-                    (path, f"{text}: {'; '.join(items)} (set sglang.version to the release you run)")
-                )
+                issues.append((path, f"{text}: {'; '.join(items)} ({hint})"))
     return issues
 
 

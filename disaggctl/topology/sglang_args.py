@@ -43,10 +43,13 @@ def snapshot(package: str, version: str) -> dict[str, dict[str, dict[str, Any]]]
 def options_for(module: str, sglang_version: str) -> tuple[str, dict[str, dict[str, Any]]] | None:
     """(release named, options) of `module` as the deployment runs it: the router is its own package at
     its pinned release, the rest comes with SGLang at `sglang_version`. None: no snapshot to check with."""
-    if module.startswith("sglang_router."):
+    top = module.split(".")[0]
+    if top == "sglang_router":
         package, version = "sglang-router", PINNED_ROUTER
-    else:
+    elif top == "sglang":
         package, version = "sglang", sglang_version
+    else:
+        return None
     commands = snapshot(package, version)
     if commands is None:
         return None

@@ -20,7 +20,7 @@ import pytest
 from disaggctl.topology import sglang
 from disaggctl.topology.load import TopologyError, load_topology
 from disaggctl.topology.plan import build_plan
-from disaggctl.topology.sglang_args import PINNED_SGLANG, snapshot
+from disaggctl.topology.sglang_args import PINNED_ROUTER, PINNED_SGLANG, snapshot
 
 
 def plan_of(tmp_path, text: str):
@@ -634,7 +634,9 @@ def test_template_ships_inside_the_package_and_its_defaults_are_sglangs():
     options = snapshot("sglang", PINNED_SGLANG)["sglang.launch_server"]
     specs = [*t["launch_server"]["flags"].values(), t["launch_server"]["attn_dp"]["flag"]]
     specs.append(t["launch_server"]["language"]["encoder_bootstrap_port"])
-    for spec in specs:
-        assert spec["flag"] in options, spec
+    router = snapshot("sglang-router", PINNED_ROUTER)["sglang_router.launch_router"]
+    checks = [(spec, options) for spec in specs] + [(spec, router) for spec in t["router"]["flags"].values()]
+    for spec, known in checks:
+        assert spec["flag"] in known, spec
         if "default" in spec:  # left out when equal to SGLang's default: it must be SGLang's default
-            assert str(options[spec["flag"]].get("default")) == str(spec["default"]), spec
+            assert str(known[spec["flag"]].get("default")) == str(spec["default"]), spec

@@ -1,14 +1,20 @@
 """Pre-flight: check every host of a plan, concurrently, before anything starts anywhere.
 
 Per host: reachable (SSH connect for remote hosts), `<python> -m disaggctl --version` answers with this
-version, the GPUs the topology uses exist (when `nvidia-smi` is there), the NICs it names exist (when
-`ibv_devices` is there), every port the plan gives the host can be bound, and local model paths exist.
-Local hosts run the same checks through `sh -c` instead of SSH.
+version (hosts that run only SGLang processes skip it), the Python modules the host's SGLang processes
+run import there (`sglang`, `mooncake.engine` for those that transfer, `sglang_router.launch_router`, a
+pinned release's mini_lb) and SGLang is not older than the release the commands are rendered for, the
+GPUs the topology uses exist (when `nvidia-smi` is there), the NICs it names exist (when `ibv_devices`
+is there; protocol rdma also needs `ibv_devices` to list one), every port the plan gives the host can be
+bound (with SGLang's extra listeners: a language-only server's encoder bootstrap port, the router's
+metrics port), and local model paths exist (a hub id `org/name` that is not a directory here is left to
+the server to fetch). Local hosts run the same checks through `sh -c` instead of SSH.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 from collections.abc import Callable
@@ -20,11 +26,23 @@ from disaggctl import __version__
 
 Runner = Callable[[str, float], tuple[int, str, str]]
 
+# `org/name`: what a server may fetch from the Hugging Face hub (disaggctl/runtime/builtin.py has the
+# same rule: the runtime cannot import the launcher)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# What to install for a module a host lacks, and SGLang's default listeners disaggctl does not place
+INSTALL = {
+    "sglang": "pip install sglang",
+    "mooncake": "pip install mooncake-transfer-engine (the CUDA build; it needs libibverbs1 and libnuma1)",
+    "sglang_router": "pip install sglang-router",
+}
+ENCODER_BOOTSTRAP_PORT = 8997
+ROUTER_METRICS_PORT = 29000
+
 
 @dataclass(frozen=True)
 class Problem:
     host: str
-    check: str  # reachable | disaggctl | gpus | nics | ports | paths | spec | probe
+    check: str  # reachable | disaggctl | modules | gpus | nics | ports | paths | spec | probe
     message: str
 
     def __str__(self) -> str:
@@ -74,55 +92,169 @@ if shutil.which("ibv_devices"):
         out["nics"] = names
     except subprocess.TimeoutExpired:
         problem("nics", "ibv_devices did not answer within 30 s")
-for path, who in req["paths"]:
-    if not os.path.exists(os.path.expanduser(path)):
+for path, who, hub in req["paths"]:
+    if not os.path.exists(os.path.expanduser(path)) and not hub:
         problem("paths", "%s: model path %s does not exist" % (who, path))
 print(json.dumps(out))
 """
 
+# Runs on the host with its own interpreter and its site-packages (the modules live there); imports each
+# module and prints {module: {"version": ...} | {"error": ...}}.
+MODULES_SCRIPT = r"""
+import importlib, json, sys
+out = {}
+for name in json.loads(sys.argv[1]):
+    try:
+        mod = importlib.import_module(name)
+    except BaseException as e:  # a missing shared library or a CUDA error count as much as a missing module
+        out[name] = {"error": ("%s: %s" % (type(e).__name__, e)).strip()[:400]}
+        continue
+    top = name.split(".")[0]
+    version = getattr(sys.modules.get(top), "__version__", None)
+    if version is None:
+        try:
+            from importlib import metadata
+            dists = metadata.packages_distributions().get(top) or []
+            version = metadata.version(dists[0]) if dists else None
+        except Exception:
+            version = None
+    out[name] = {"version": version}
+print(json.dumps(out))
+"""
+
+
+def _module(argv: list[str]) -> str | None:
+    return argv[2] if len(argv) > 2 and argv[1] == "-m" else None
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+
+def _sglang_modules(p: Any) -> list[str]:
+    """What the process imports to run: SGLang (and Mooncake when it transfers), or the proxy's module."""
+    module = _module([str(a) for a in p.argv]) or ""
+    if module == "sglang.launch_server":
+        # the plan gives Mooncake's settings exactly to the processes that transfer through it
+        return ["sglang", *(["mooncake.engine"] if any(k.startswith("MC_") for k in p.env or {}) else [])]
+    if module.startswith(("sglang.", "sglang_router.")):
+        return [module]
+    return []
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part.removeprefix("post"))
+        parts.append(int(digits.group()) if digits else 0)
+    return tuple(parts)
+
 
 def _needs(host: Any, processes: list) -> dict:
-    ports, paths, gpus, nics = [], [], set(), []
+    ports, paths, gpus, nics, modules = [], [], set(), [], []
+    disaggctl = not processes
+    rdma = False
     for p in processes:
+        argv = [str(a) for a in p.argv]
         ports.append([p.bind, int(p.port), p.name])
         if getattr(p, "bootstrap_port", None):
             ports.append([p.bind, int(p.bootstrap_port), f"{p.name} bootstrap"])
+        if "--language-only" in argv:
+            port = int(_flag(argv, "--encoder-bootstrap-port") or ENCODER_BOOTSTRAP_PORT)
+            ports.append([p.bind, port, f"{p.name} encoder bootstrap"])
+        if _module(argv) == "sglang_router.launch_router":
+            port = int(_flag(argv, "--prometheus-port") or ROUTER_METRICS_PORT)
+            ports.append([_flag(argv, "--prometheus-host") or "0.0.0.0", port, f"{p.name} metrics"])
         gpus.update(int(g) for g in (p.gpus or []))
         nics.extend(n for n in (p.nics or []) if n not in nics)
-        argv = [str(a) for a in p.argv]
-        for i, a in enumerate(argv[:-1]):
-            if a == "--model" and not argv[i + 1].startswith("builtin:"):
-                paths.append([argv[i + 1], p.name])
+        for flag in ("--model", "--model-path"):
+            path = _flag(argv, flag)
+            if path and not path.startswith("builtin:"):
+                paths.append([path, p.name, bool(HUB_ID.match(path))])
+        wanted = _sglang_modules(p)
+        modules.extend(m for m in wanted if m not in modules)
+        disaggctl = disaggctl or not wanted
+        rdma = rdma or (p.env or {}).get("MC_FORCE_HCA") == "1"
     nics.extend(n for n in (getattr(host, "nics", None) or []) if n not in nics)
-    return {"ports": ports, "paths": paths, "gpus": gpus, "nics": nics}
+    return {
+        "ports": ports, "paths": paths, "gpus": gpus, "nics": nics, "modules": modules,
+        "disaggctl": disaggctl, "rdma": rdma,
+    }  # fmt: skip
 
 
-def check_host(host: Any, processes: list, run: Runner) -> list[Problem]:
-    """Every check for one host, through `run(command, timeout) -> (rc, stdout, stderr)`."""
-    name = host.name
-    python = getattr(host, "python", None) or "python3"
-    problems: list[Problem] = []
-
-    rc, out, err = run(shlex.join([python, "-m", "disaggctl", "--version"]), 60)
-    expected = f"disaggctl {__version__}"
-    if rc != 0:
+def _check_modules(
+    name: str, python: str, modules: list[str], sglang_version: str | None, run: Runner
+) -> list[Problem]:
+    """Every module imports with the host's interpreter, and SGLang is at least the rendered release."""
+    rc, out, err = run(shlex.join([python, "-c", MODULES_SCRIPT, json.dumps(modules)]), 300)
+    try:
+        found = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
         text = (err or out).strip().splitlines()
         detail = text[-1] if text else f"exit {rc}"
         if rc == 127 or "No such file" in detail or "not found" in detail:
             detail = f"interpreter {python} not found"
-        elif "No module named" in detail:
-            detail = f"disaggctl is not installed for {python}"
-        return [Problem(name, "disaggctl", f"`{python} -m disaggctl --version` failed: {detail}")]
-    if out.strip() != expected:
-        problems.append(
-            Problem(
-                name,
-                "disaggctl",
-                f"{python} has {out.strip() or 'no version'!r}, this machine has {expected!r}",
+        return [Problem(name, "modules", f"cannot check the Python modules with {python}: {detail}")]
+    problems = []
+    for module in modules:
+        result = found.get(module, {})
+        if "error" in result:
+            top = module.split(".")[0]
+            hint = INSTALL.get(top, "")
+            problems.append(
+                Problem(
+                    name,
+                    "modules",
+                    f"{python} cannot import {module}: {result['error']}" + (f" ({hint})" if hint else ""),
+                )
             )
-        )
+        elif module == "sglang" and sglang_version and result.get("version"):
+            have = str(result["version"])
+            if _version_key(have) < _version_key(sglang_version):
+                problems.append(
+                    Problem(
+                        name,
+                        "modules",
+                        f"{python} has SGLang {have}, older than {sglang_version}, the release the commands "
+                        f"are rendered for: upgrade it, or set sglang.version: {have} in the topology",
+                    )
+                )
+    return problems
 
+
+def check_host(host: Any, processes: list, run: Runner, sglang_version: str | None = None) -> list[Problem]:
+    """Every check for one host, through `run(command, timeout) -> (rc, stdout, stderr)`.
+    `sglang_version`: the SGLang release the plan's commands are rendered for (engine sglang)."""
+    name = host.name
+    python = getattr(host, "python", None) or "python3"
+    problems: list[Problem] = []
     needs = _needs(host, processes)
+
+    if needs["disaggctl"]:
+        rc, out, err = run(shlex.join([python, "-m", "disaggctl", "--version"]), 60)
+        expected = f"disaggctl {__version__}"
+        if rc != 0:
+            text = (err or out).strip().splitlines()
+            detail = text[-1] if text else f"exit {rc}"
+            if rc == 127 or "No such file" in detail or "not found" in detail:
+                detail = f"interpreter {python} not found"
+            elif "No module named" in detail:
+                detail = f"disaggctl is not installed for {python}"
+            return [Problem(name, "disaggctl", f"`{python} -m disaggctl --version` failed: {detail}")]
+        if out.strip() != expected:
+            problems.append(
+                Problem(
+                    name,
+                    "disaggctl",
+                    f"{python} has {out.strip() or 'no version'!r}, this machine has {expected!r}",
+                )
+            )
+    if needs["modules"]:
+        found = _check_modules(name, python, needs["modules"], sglang_version, run)
+        if any("cannot check the Python modules" in p.message for p in found):
+            return [*problems, *found]
+        problems += found
+
     req = json.dumps({"ports": needs["ports"], "paths": needs["paths"]})
     rc, out, err = run(shlex.join([python, "-I", "-S", "-c", PROBE_SCRIPT, req]), 90)
     try:
@@ -149,6 +281,20 @@ def check_host(host: Any, processes: list, run: Runner) -> list[Problem]:
             problems.append(
                 Problem(name, "nics", f"NIC(s) {', '.join(missing)} not found (ibv_devices: {have})")
             )
+    if needs["rdma"] and not found["nics"]:
+        seen = (
+            "ibv_devices lists no RDMA device"
+            if found["nics"] is not None
+            else "ibv_devices is not installed"
+        )
+        problems.append(
+            Problem(
+                name,
+                "nics",
+                f"transfer.protocol is rdma but {seen} here (install ibverbs-utils to let pre-flight see "
+                "the devices, or use protocol auto, which falls back to TCP)",
+            )
+        )
     return problems
 
 
@@ -160,9 +306,11 @@ def _local_runner(command: str, timeout: float) -> tuple[int, str, str]:
     return r.returncode, r.stdout, r.stderr
 
 
-def _check(host: Any, processes: list, connect_timeout_s: float) -> list[Problem]:
+def _check(
+    host: Any, processes: list, connect_timeout_s: float, sglang_version: str | None = None
+) -> list[Problem]:
     if getattr(host, "local", False):
-        return check_host(host, processes, _local_runner)
+        return check_host(host, processes, _local_runner, sglang_version)
     from disaggctl.launch.ssh import SshBackend, SshError, spec_problem
 
     refused = [Problem(host.name, "spec", msg) for msg in map(spec_problem, processes) if msg]
@@ -182,7 +330,7 @@ def _check(host: Any, processes: list, connect_timeout_s: float) -> list[Problem
             return 255, "", str(e)
         return r.rc, r.stdout, r.stderr
 
-    return check_host(host, processes, run)
+    return check_host(host, processes, run, sglang_version)
 
 
 def preflight(
@@ -196,9 +344,11 @@ def preflight(
     procs = list(plan.processes if processes is None else processes)
     if not hosts:
         return []
+    version = getattr(plan, "sglang_version", None)
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
         futures = [
-            pool.submit(_check, h, [p for p in procs if p.host == h.name], connect_timeout_s) for h in hosts
+            pool.submit(_check, h, [p for p in procs if p.host == h.name], connect_timeout_s, version)
+            for h in hosts
         ]
         results = []
         for h, f in zip(hosts, futures, strict=True):

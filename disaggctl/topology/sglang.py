@@ -222,7 +222,7 @@ def router_argv(python: str, bind: str, port: int, policy: str, workers: list[Pr
     else:
         argv += [f["workers"]["flag"], *(w.url for w in workers if w.role == "colocated")]
     argv += [f["policy"]["flag"], t["policies"][policy]]
-    return argv + [f["host"]["flag"], bind, f["port"]["flag"], str(port)]
+    return argv + [f["host"]["flag"], bind, f["port"]["flag"], str(port)] + _emit(f["metrics_host"], bind)
 
 
 def mini_lb_argv(python: str, bind: str, port: int, workers: list[ProcessSpec], version: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -37,6 +38,13 @@ proxy: {{host: local, port: {proxy}, policy: {policy}}}
 
 def run(cli, *args, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The next line `proc` prints, without its newline; AssertionError if none comes within `timeout`."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output within {timeout} s"
+    return proc.stdout.readline().rstrip("\n")
 
 
 def status_doc(cli) -> tuple[int, dict | None]:
@@ -131,20 +139,19 @@ def test_up_status_again_logs_down(cli, deployed, disaggctl_home):
     assert one.stdout.startswith("colocated-0 | ")
     assert run(cli, "logs", "nope", timeout=60).returncode == 2
 
-    # logs -f shows new lines as they come, and stops on SIGINT
-    follower = subprocess.Popen([*cli, "logs", "-f", "-n", "0", "proxy"], stdout=subprocess.PIPE, text=True)
+    # logs -f shows new lines as they come, and stops on SIGINT. Each step waits for what it needs (the
+    # follower's first line, then the appended one), not for a fixed time: under load the CLI can take
+    # seconds to start, and a SIGINT that lands while it imports is not the one this checks.
+    follower = subprocess.Popen([*cli, "logs", "-f", "-n", "1", "proxy"], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
-        with urllib.request.urlopen(req, timeout=60) as r:
-            r.read()
-        with urllib.request.urlopen(procs["proxy"]["url"] + "/nonexistent-path-for-log", timeout=10):
-            pass
-    except urllib.error.HTTPError:
-        pass
+        assert read_line(follower, 60).startswith("proxy | "), "the follower printed no last line"
+        marker = f"appended while following {time.monotonic()}"
+        with open(procs["proxy"]["log_path"], "a") as log:
+            log.write(marker + "\n")
+        assert read_line(follower, 30) == f"proxy | {marker}"
     finally:
-        time.sleep(1.0)
         follower.send_signal(signal.SIGINT)
-        out, _ = follower.communicate(timeout=10)
+        out, _ = follower.communicate(timeout=30)
     assert follower.returncode == 0
     assert all(line.startswith("proxy | ") for line in out.splitlines())
 

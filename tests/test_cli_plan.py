@@ -211,11 +211,6 @@ def test_commands_without_a_deployment(cli, disaggctl_home):
     assert down.returncode == 0 and "nothing to stop" in down.stderr
 
 
-@pytest.mark.xfail(
-    "tp" not in state.ProcRecord.model_fields,
-    reason="the deployment state does not record each server's tp yet",
-    strict=True,
-)
 def test_status_shows_a_servers_ranks_in_one_row(cli, disaggctl_home):
     st = state.DeploymentState(
         name="ranks",

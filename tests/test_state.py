@@ -176,8 +176,9 @@ def test_start_records_identity_and_log(backend, tmp_path):
     p = psutil.Process(rec.pid)
     assert os.getpgid(rec.pid) == rec.pid and os.getsid(rec.pid) == rec.pid  # own session and group
     assert float(rec.start_time) == pytest.approx(p.create_time())
-    assert p.environ()["MARK"] == "x y"
+    # once the process has logged, it has exec'd: before that /proc shows the forking parent's environment
     wait_for(lambda: backend.read_log(rec) == ["up"], 10, "the log line")
+    assert p.environ()["MARK"] == "x y"
     assert backend.alive(rec)
     assert backend.stop(rec, 5) == "stopped"
     assert not backend.alive(rec) and not psutil.pid_exists(rec.pid)
@@ -194,6 +195,7 @@ def test_start_hands_the_secret_over_by_file_name_and_keeps_files_private(
     run_dir = tmp_path / "logs"
     rec = backend.start(Spec("w", SLEEPER, env={"MARK": "x"}), str(run_dir), secret_file=str(secret))
     p = psutil.Process(rec.pid)
+    wait_for(lambda: backend.read_log(rec) == ["up"], 10, "the log line")  # exec'd: its own environment
     environ = p.environ()
     assert environ["DISAGGCTL_SECRET_FILE"] == str(secret) and "DISAGGCTL_SECRET" not in environ
     assert DeploymentKey.from_env(environ).key_id == key.key_id

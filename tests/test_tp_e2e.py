@@ -31,15 +31,11 @@ from test_pd_e2e import (  # noqa: F401  (model_dir: the random Qwen2 fixture, 4
     serve_colocated,
 )
 
-from disaggctl.launch.state import ProcRecord
-
 pytestmark = pytest.mark.slow
 
 RANK_MODULE = "disaggctl.runtime.tp_worker"
 # one token, a partial page, several pages and prefill chunks (PAGE_SIZE 4, CHUNK 8)
 CASES = [(1, 6), (6, 9), (19, 7), (41, 12)]
-# whether `status` can know a server's tp: the deployment state must record it
-TP_RECORDED = "tp" in ProcRecord.model_fields
 
 
 class TpDeployment(Deployment):
@@ -143,9 +139,6 @@ def test_tp_pd_greedy_equals_transformers_and_colocated(deploy_tp, model_dir, ex
     d.down()
     assert not [p for rs in ranks.values() for p in rs if alive(p)], "a rank outlived down"
     assert not processes_of(model_dir)
-    # last, so that everything above is checked either way
-    if not TP_RECORDED:
-        pytest.xfail("the deployment state does not record each server's tp yet")
     assert {name: p["tp"] for name, p in d.procs.items()} == d.tp
 
 

@@ -78,11 +78,6 @@ def _gpus(gpus: list[int]) -> str:
     return ",".join(map(str, gpus)) or "-"
 
 
-def _tp(rec: Any) -> int:
-    # a record that does not carry tp (one written before the state kept it) is of a tp-1 server
-    return getattr(rec, "tp", 1) or 1
-
-
 def _ranks(gpus: list[int], tp: int) -> str:
     """A server's GPUs, and its tensor-parallel ranks when it has several (rank r: the r-th GPU)."""
     if tp == 1:
@@ -356,7 +351,7 @@ def status(
                     "role": rec.role,
                     "host": rec.host,
                     "gpus": rec.gpus,
-                    "tp": _tp(rec),
+                    "tp": rec.tp,
                     "nics": rec.nics,
                     "port": rec.port,
                     "bootstrap_port": rec.bootstrap_port,
@@ -434,7 +429,7 @@ def status(
                 rec.name,
                 rec.role,
                 rec.host,
-                _ranks(rec.gpus, _tp(rec)),
+                _ranks(rec.gpus, rec.tp),
                 ",".join(rec.nics) or "-",
                 ports,
                 str(rec.pid),

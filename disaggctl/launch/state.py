@@ -55,6 +55,7 @@ class ProcRecord(BaseModel):
     address: str = ""
     gpus: list[int] = []
     nics: list[str] = []
+    tp: int = 1  # ranks of the server (one process each, started by the server itself)
     port: int | None = None
     bootstrap_port: int | None = None
     health_path: str = "/health"

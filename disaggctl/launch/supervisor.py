@@ -141,6 +141,7 @@ def described(rec: ProcRecord, spec: Any, spec_hash: str) -> ProcRecord:
             "address": spec.address,
             "gpus": list(spec.gpus or []),
             "nics": list(spec.nics or []),
+            "tp": spec.tp,
             "port": spec.port,
             "bootstrap_port": spec.bootstrap_port,
             "health_path": spec.health_path or "/health",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import wait_for
 from test_launch_e2e import run, status_doc, topology, wait_gone
 
 from disaggctl.launch.ssh import SshBackend, env_file, secret_command
@@ -105,6 +106,8 @@ def test_start_script_run_by_sh_gives_the_process_its_environment_and_no_value_i
     assert res.returncode == 0, res.stderr
     pid = int(res.stdout.split()[0])
     groups.append(pid)
+    # the leader writes its pid, then execs the server: read /proc only once the server has said "up"
+    wait_for(lambda: (run_dir / "w-0.log").read_text().startswith("up"), 30, "the process's first line")
     seen = environ_of(pid)
     assert {k: seen.get(k) for k in env} == env
     assert TOKEN not in cmdline_of(pid) and "second line" not in cmdline_of(pid)

@@ -131,9 +131,37 @@ def test_up_refuses_what_the_embedded_runtime_cannot_run_before_starting_anythin
     res = run(cli, "up", str(topo))
     assert res.returncode == 2, res.stdout
     assert f"{topo}:5: encoder: the embedded runtime has no encoder role" in res.stderr
-    assert f"{topo}:6: prefill.ep: the embedded runtime serves ep: 1 only" in res.stderr
+    assert f"{topo}:6: prefill.ep: builtin:tiny is not a mixture-of-experts model" in res.stderr
     assert "prefill.tp" not in res.stderr  # tensor parallelism it serves
     assert not list(disaggctl_home.iterdir())  # no state, no run directory: nothing was started
+
+
+def test_up_refuses_what_experts_cannot_split_and_attention_dp(cli, tmp_path, disaggctl_home):
+    model = tmp_path / "moe"
+    model.mkdir()
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 96,
+        "num_local_experts": 6,
+        "moe_intermediate_size": 15,
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    topo = tmp_path / "ep.yaml"
+    topo.write_text(
+        f"name: ep\nmodel: {{path: {model}}}\nhosts:\n  - {{name: local, address: 127.0.0.1, gpus: 0}}\n"
+        "prefill: {replicas: 1, tp: 2, ep: 1}\ndecode: {replicas: 1, tp: 2, ep: 2, dp: 2}\n"
+    )
+    res = run(cli, "up", str(topo))
+    assert res.returncode == 2, res.stdout
+    assert f"{topo}:5: prefill.tp: 2 does not divide moe_intermediate_size 15" in res.stderr
+    assert f"{topo}:6: decode.dp: the embedded runtime has no attention data parallelism" in res.stderr
+    assert "decode.ep" not in res.stderr  # 6 experts spread over 2 ranks: fine
+    topo.write_text(topo.read_text().replace("tp: 2, ep: 1", "tp: 2, ep: 4").replace(", dp: 2", ""))
+    res = run(cli, "up", str(topo))
+    assert res.returncode == 2 and f"{topo}:5: prefill.ep: " in res.stderr
+    assert not list(disaggctl_home.iterdir())
 
 
 def test_plan_and_up_refuse_a_tp_the_model_cannot_be_split_over(cli, tmp_path, disaggctl_home):

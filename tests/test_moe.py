@@ -84,3 +84,81 @@ def test_expert_parallelism_needs_experts_and_a_divisible_count(moe, tmp_path):
         engine(str(tmp_path), 2, 2)
     with pytest.raises(ConfigError, match="ep_size must be 1 or the tp_size"):
         engine(moe[0], 2, 3)
+
+
+# ---- expert parallelism through `disaggctl up`: a PD pair whose both sides spread the experts ----
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    """A random Qwen3-MoE with builtin:tiny's tokenizer (vocab 1024), init std 0.2, perturbed norms."""
+    from hf_reference import save_random_model
+
+    from disaggctl.runtime.builtin import resolve_model
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DISAGGCTL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    try:
+        tiny = resolve_model("builtin:tiny")
+    finally:
+        mp.undo()
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        eos_token_id=2,
+    )
+    return save_random_model(cfg, tmp_path_factory.mktemp("moe-pd"), tiny)
+
+
+@pytest.mark.slow
+def test_pd_with_expert_parallelism_on_both_sides_equals_transformers(moe_dir, tmp_path):
+    import json
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hf_reference import hf_greedy as hf_greedy_dir
+    from test_pd_e2e import Deployment, free_block, greedy, post, prompt
+
+    home = tmp_path / "home"
+    home.mkdir()
+    d = Deployment([sys.executable, "-m", "disaggctl"], home, tmp_path, moe_dir, 1, 1)
+    d.file.write_text(
+        f"""\
+name: ep-pd
+model: {{path: {json.dumps(moe_dir)}}}
+hosts:
+  - {{name: local, address: 127.0.0.1, gpus: 0, python: {json.dumps(sys.executable)}}}
+transfer: {{protocol: tcp, timeout_s: 10}}
+prefill: {{tp: 2, ep: 2, port: {free_block(1)}, bootstrap_port: {free_block(1)}, page_size: 4, chunk_size: 8}}
+decode: {{tp: 2, ep: 2, port: {free_block(1)}, page_size: 4}}
+proxy: {{host: local, port: {d.proxy.rsplit(":", 1)[1]}}}
+"""
+    )
+    try:
+        d.up()
+        assert "--ep-size" in " ".join(psutil_cmdline(d.procs["prefill-0"]["pid"]))
+        cases = [(prompt(n, seed), m) for seed, (n, m) in enumerate([(1, 6), (9, 8), (23, 10)])]
+        with ThreadPoolExecutor(len(cases)) as pool:
+            got = list(pool.map(lambda c: post(d.proxy + "/generate", greedy(*c)), cases))
+        for (ids, n), (status, body) in zip(cases, got, strict=True):
+            assert status == 200, body
+            assert body["output_ids"] == hf_greedy_dir(moe_dir, ids, n), f"{len(ids)}-token prompt"
+    finally:
+        d.down()
+
+
+def psutil_cmdline(pid: int) -> list[str]:
+    import psutil
+
+    return psutil.Process(int(pid)).cmdline()

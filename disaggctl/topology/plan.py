@@ -192,6 +192,54 @@ def model_shape(topology: Topology) -> dict[str, int] | None:
     return {"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter}
 
 
+def moe_shape(topology: Topology) -> tuple[int, int] | None:
+    """(experts, intermediate size of one expert) of the model, (0, 0) for a dense one, None when this
+    machine cannot tell (the runtime checks at load). Built-in models are dense."""
+    if topology.model.path in BUILTIN_SHAPES:
+        return 0, 0
+    raw = _model_config(topology)
+    if raw is None:
+        return None
+    try:
+        # transformers 5 writes num_local_experts where Hub checkpoints say num_experts
+        experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+        inter = int(raw.get("moe_intermediate_size") or 0)
+    except (TypeError, ValueError):
+        return None
+    return experts, inter
+
+
+def _check_experts(topology: Topology, rej: _Rejections) -> None:
+    """Expert parallelism on the embedded runtime spreads whole experts over a server's tp ranks (ep = tp;
+    SGLang's default too), or, at ep 1, splits every expert like the dense MLP: say now what cannot split."""
+    if topology.engine != "embedded":
+        return
+    shape = moe_shape(topology)
+    for role_name, role in topology.roles():
+        if role.ep > 1 and role.ep != role.tp:
+            rej.add(
+                (role_name, "ep"),
+                f"{role.ep} with tp {role.tp}: the embedded runtime spreads the experts over the server's "
+                f"tp ranks, so ep is 1 or equal to tp ({role.tp})",
+            )
+            continue
+        if shape is None:
+            continue
+        experts, inter = shape
+        if role.ep > 1 and not experts:
+            rej.add(
+                (role_name, "ep"), f"{topology.model.path} is not a mixture-of-experts model; leave ep at 1"
+            )
+        elif role.ep > 1 and experts % role.ep:
+            rej.add((role_name, "ep"), f"{role.ep} does not divide the model's {experts} experts")
+        elif experts and role.ep == 1 and role.tp > 1 and inter % role.tp:
+            rej.add(
+                (role_name, "tp"),
+                f"{role.tp} does not divide moe_intermediate_size {inter} (at ep 1 every expert is split over "
+                f"the ranks); set ep: {role.tp} to spread whole experts instead",
+            )
+
+
 def _alternatives(values: list[int]) -> str:
     return " or ".join(map(str, values)) if len(values) <= 2 else ", ".join(map(str, values))
 
@@ -253,13 +301,13 @@ def check_launchable(topology: Topology, source: str) -> None:
                 f"{role.gpus_per_replica} for tp {role.tp}: each rank of the embedded runtime needs a GPU "
                 f"of its own; set gpus_per_replica to at least {role.tp} (or leave it out)",
             )
-        for knob in ("dp", "ep"):
-            value = getattr(role, knob)
-            if value > 1:
-                rej.add(
-                    (role_name, knob),
-                    f"the embedded runtime serves {knob}: 1 only; use engine: sglang for {knob}: {value}",
-                )
+        if role.dp > 1:
+            rej.add(
+                (role_name, "dp"),
+                "the embedded runtime has no attention data parallelism (SGLang's --attn-dp-size); use "
+                f"engine: sglang for dp: {role.dp}, or more replicas",
+            )
+    _check_experts(topology, rej)
     rej.raise_if_any(topology, source)
 
 
@@ -511,6 +559,8 @@ def _embedded_argv(
     argv += ["--model", m.path, "--dtype", m.dtype, "--device", "cuda" if p.gpus else "cpu"]
     if p.tp > 1:
         argv += ["--tp-size", str(p.tp)]
+    if p.ep > 1:
+        argv += ["--ep-size", str(p.ep)]
     for flag, value in (
         ("--page-size", role.page_size),
         ("--max-pages", role.max_pages),

@@ -30,6 +30,20 @@ def save_random_model(
     return str(out_dir)
 
 
+def tiny_tokenizer_dir(cache_dir) -> str:
+    """builtin:tiny, generated into a private cache: the tokenizer files random test models are saved with."""
+    import pytest
+
+    from disaggctl.runtime.builtin import resolve_model
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DISAGGCTL_CACHE", str(cache_dir))
+    try:
+        return resolve_model("builtin:tiny")
+    finally:
+        mp.undo()
+
+
 _loaded: dict[str, object] = {}
 
 

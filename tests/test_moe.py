@@ -14,9 +14,9 @@ from disaggctl.runtime.config import ConfigError, EngineConfig, ModelConfig  # n
 from disaggctl.runtime.engine import Engine  # noqa: E402
 
 
-def build_moe(out, norm_topk_prob: bool):
-    """Four experts, two per token; layer 1 dense (mlp_only_layers), layers 0 and 2 routed."""
-    cfg = transformers.Qwen3MoeConfig(
+def moe_config(**override):
+    """Four experts, two per token; layer 1 dense (mlp_only_layers), the others routed."""
+    fields = dict(
         vocab_size=384,
         hidden_size=64,
         intermediate_size=96,
@@ -27,10 +27,15 @@ def build_moe(out, norm_topk_prob: bool):
         head_dim=16,
         num_experts=4,
         num_experts_per_tok=2,
-        norm_topk_prob=norm_topk_prob,
+        norm_topk_prob=True,
         mlp_only_layers=[1],
         initializer_range=0.2,
     )
+    return transformers.Qwen3MoeConfig(**{**fields, **override})
+
+
+def build_moe(out, norm_topk_prob: bool):
+    cfg = moe_config(norm_topk_prob=norm_topk_prob)
     torch.manual_seed(3)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     perturb(hf)
@@ -56,7 +61,12 @@ def moe(request, tmp_path_factory):
 def test_config_reads_the_routed_layers(moe):
     path, _, _ = moe
     cfg = ModelConfig.from_hf_dir(path)
-    assert (cfg.family, cfg.num_experts, cfg.num_experts_per_tok, cfg.sparse_layers) == ("qwen3_moe", 4, 2, [0, 2])
+    assert (cfg.family, cfg.num_experts, cfg.num_experts_per_tok, cfg.sparse_layers) == (
+        "qwen3_moe",
+        4,
+        2,
+        [0, 2],
+    )
 
 
 @pytest.mark.slow
@@ -92,31 +102,11 @@ def test_expert_parallelism_needs_experts_and_a_divisible_count(moe, tmp_path):
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
     """A random Qwen3-MoE with builtin:tiny's tokenizer (vocab 1024), init std 0.2, perturbed norms."""
-    from hf_reference import save_random_model
+    from hf_reference import save_random_model, tiny_tokenizer_dir
 
-    from disaggctl.runtime.builtin import resolve_model
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DISAGGCTL_CACHE", str(tmp_path_factory.mktemp("cache")))
-    try:
-        tiny = resolve_model("builtin:tiny")
-    finally:
-        mp.undo()
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
-        eos_token_id=2,
+    tiny = tiny_tokenizer_dir(tmp_path_factory.mktemp("cache"))
+    cfg = moe_config(
+        vocab_size=1024, num_hidden_layers=2, mlp_only_layers=[], max_position_embeddings=1024, eos_token_id=2
     )
     return save_random_model(cfg, tmp_path_factory.mktemp("moe-pd"), tiny)
 

@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port, wait_for
-from hf_reference import hf_greedy, save_random_model
-
-from disaggctl.runtime.builtin import resolve_model
+from hf_reference import hf_greedy, save_random_model, tiny_tokenizer_dir
 
 HTTP_TIMEOUT_S = 60
 CLI_TIMEOUT_S = 240
@@ -39,12 +37,7 @@ def model_dir(tmp_path_factory):
     Init std 0.2 and perturbed norms and biases: the default init hides RoPE and bias mistakes."""
     from transformers import Qwen2Config
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DISAGGCTL_CACHE", str(tmp_path_factory.mktemp("cache")))
-    try:
-        tiny = resolve_model("builtin:tiny")
-    finally:
-        mp.undo()
+    tiny = tiny_tokenizer_dir(tmp_path_factory.mktemp("cache"))
     d = tmp_path_factory.mktemp("qwen2")
     cfg = Qwen2Config(
         vocab_size=1024,

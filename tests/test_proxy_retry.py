@@ -181,6 +181,31 @@ def test_a_decode_that_refuses_the_connection_is_replaced_and_the_prefill_reques
     run(scenario)
 
 
+def test_a_decode_that_is_not_ready_is_replaced_and_out_of_rotation():
+    rooms = Rooms()
+    p, draining, d = prefill(rooms), Backend("draining", not_ready), decode(rooms)
+
+    async def scenario():
+        argv = lambda: [*pd([p], [draining, d])(), "--health-interval", "30"]  # noqa: E731
+        async with running([p, draining, d], argv) as (session, proxy):
+            for _ in range(3):
+                status, raw = await post(session, proxy.url + "/generate", {"text": "hi"})
+                assert status == 200, raw
+            seen = await workers_of(session, proxy)
+            text = await metrics_of(session, proxy)
+        assert len(draining.bodies) == 1 and len(d.bodies) == 3  # tried once, then out of rotation
+        assert not seen[draining.url]["healthy"] and "answered 503" in seen[draining.url]["last_error"]
+        assert "disaggctl_proxy_retries_total 1" in text
+
+    run(scenario)
+
+
+async def not_ready(b, request, body):
+    """What a runtime server answers while it loads or drains on its way out."""
+    message = "the server is not ready (model loading or stopping); retry later"
+    return web.json_response({"error": {"message": message, "code": 503}}, status=503)
+
+
 def test_retries_are_bounded_and_the_client_hears_every_attempt():
     rooms = Rooms()
     ps = [prefill(rooms, "500") for _ in range(3)]

@@ -810,8 +810,9 @@ class Failed:
     result: PrefillResult
 
 
-class DecodeRefused(Exception):
-    """D refused the connection: it never saw the request, so the pair may be retried like a failed P."""
+class DecodeDeclined(Exception):
+    """D did not take the request (it refused the connection, or answered 503: loading or stopping), so
+    the pair may be retried like one whose P failed."""
 
 
 def _retryable(e: BaseException) -> bool:
@@ -915,7 +916,7 @@ class PDRequest:
                     return Failed(p, res)
                 px.not_retried["client_had_bytes"] += 1
                 return await self._fail(res)
-            if isinstance(d_task.exception(), DecodeRefused):
+            if isinstance(d_task.exception(), DecodeDeclined):
                 p_task.cancel()
                 await asyncio.gather(p_task, return_exceptions=True)
                 return Failed(d, PrefillResult(False, 502, str(d_task.exception()), retryable=True))
@@ -971,6 +972,8 @@ class PDRequest:
                 return PrefillResult(False, status, msg)
             reason = f"prefill {p.url} answered {status}: {msg}"
             p.request_failed(reason, unreachable=False)
+            if status == 503:  # not ready (loading, or draining on its way out): until a probe says so
+                p.set_health(False, reason)
             return PrefillResult(False, 502, reason, retryable=True)
         if sse:
             for line in body.split(b"\n"):
@@ -998,7 +1001,7 @@ class PDRequest:
             except (*UPSTREAM_ERRORS, WorkerLost) as e:
                 reason = self.px.upstream_failed(d, e)
                 if self.out is None and isinstance(e, aiohttp.ClientConnectorError):
-                    raise DecodeRefused(reason) from e
+                    raise DecodeDeclined(reason) from e
                 if self.out is None:
                     return json_error(reason, 502), False
                 return await _end_with_error(self.out, reason, 502), False
@@ -1009,6 +1012,13 @@ class PDRequest:
             refused = await _refused_proof(d, up)
             if refused is not None:
                 return json_error(refused, 502), False
+            if up.status == 503:
+                # Not ready (loading, or draining on its way out): out of rotation until a probe says it
+                # is healthy, and, since it took nothing, the request may go to another pair.
+                reason = f"decode {d.url} answered 503: {_error_message(await up.read()) or 'not ready'}"
+                d.request_failed(reason, unreachable=False)
+                d.set_health(False, reason)
+                raise DecodeDeclined(reason)
             try:
                 out = await relay(self.request, up, self._prepared, self.hold)
             except (asyncio.CancelledError, ClientGone) as e:

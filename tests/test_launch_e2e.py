@@ -151,7 +151,12 @@ def test_up_status_again_logs_down(cli, deployed, disaggctl_home):
         assert read_line(follower, 30) == f"proxy | {marker}"
     finally:
         follower.send_signal(signal.SIGINT)
-        out, _ = follower.communicate(timeout=30)
+        try:
+            out, _ = follower.communicate(timeout=30)
+        finally:
+            if follower.poll() is None:  # never outlive the test, even when it fails
+                follower.kill()
+                follower.wait(10)
     assert follower.returncode == 0
     assert all(line.startswith("proxy | ") for line in out.splitlines())
 

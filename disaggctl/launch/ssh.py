@@ -727,10 +727,3 @@ class SshBackend:
                     self.run(f'[ "$(cat /proc/{p}/comm 2>/dev/null)" = tail ] && kill {p}; true', timeout=5)
                 except SshError:
                     pass  # the host went away; its sshd ends the tail with the session
-
-
-def preflight(hosts: list, plan: Any, **kwargs: Any) -> list:
-    """Pre-flight checks for every host, concurrently; see disaggctl.launch.preflight."""
-    from disaggctl.launch.preflight import preflight as run_preflight
-
-    return run_preflight(hosts, plan, **kwargs)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from disaggctl.topology.nics import gpu_nics
 from disaggctl.topology.sglang_args import PINNED_SGLANG, check_command, version_key
 
 if TYPE_CHECKING:
@@ -74,8 +75,6 @@ def ib_device(p: ProcessSpec, topology: Topology, role: Role) -> str | None:
     GPUs by since it runs without CUDA_VISIBLE_DEVICES)."""
     if not p.nics:
         return None
-    from disaggctl.topology.plan import gpu_nics
-
     host = next(h for h in topology.hosts if h.name == p.host)
     nics = list(host.nics if role.nics is None else role.nics)
     per_gpu = {g: ",".join(gpu_nics(g, host.gpus, nics)) for g in p.gpus}

@@ -47,6 +47,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from disaggctl import httpkit
+from disaggctl.httpkit import MAX_JSON_DEPTH
 from disaggctl.proxy.breaker import DEFAULT_COOLDOWN_S, DEFAULT_FAILURES, STATE_VALUES, Breaker
 from disaggctl.proxy.policy import POLICIES, make_policy
 from disaggctl.proxy.workers import (
@@ -67,9 +69,6 @@ log = logging.getLogger("disaggctl.proxy")
 # Several times what a 128k-token context takes (under 1 MB as token ids, about 0.5 MB as text), while
 # bounding what one client can make the proxy buffer, parse and re-encode.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-# Far more than any request shape needs (chat messages with content parts are 4-5 deep), and far below
-# where recursive JSON handling anywhere downstream could overflow.
-MAX_JSON_DEPTH = 64
 # CPython's default limit on int() of a string, applied whatever the interpreter's setting, so that a
 # client gets the same answer everywhere, worded for a client rather than a programmer.
 MAX_INT_DIGITS = 4300
@@ -316,7 +315,7 @@ def _make_proxy(args: argparse.Namespace, key: DeploymentKey | None = None) -> P
 
 
 def error_body(message: str, status: int, type_: str = "proxy_error") -> dict:
-    return {"error": {"message": message, "type": type_, "code": status}}
+    return httpkit.error_body(message, status, type_)
 
 
 def json_error(message: str, status: int, type_: str = "proxy_error") -> web.Response:
@@ -535,32 +534,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _too_deep(obj: dict | list, limit: int) -> bool:
-    """Whether containers nest deeper than `limit` (the top level counts 1). Iterative: no recursion to
-    exhaust on the very input it guards against."""
-    stack = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
-    return False
-
-
 async def read_body(request: web.Request, limit: int) -> tuple[bytes, dict]:
-    too_large = BadRequest(
-        f"request body too large: more than {limit} bytes (the proxy's --max-body-bytes)", "too_large", 413
-    )
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise too_large from e
-    if len(raw) > limit:
-        raise too_large
+        raw = await httpkit.read_limited(request, limit)
+    except httpkit.TooLarge as e:
+        message = f"request body too large: more than {limit} bytes (the proxy's --max-body-bytes)"
+        raise BadRequest(message, "too_large", 413) from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -578,7 +557,7 @@ async def read_body(request: web.Request, limit: int) -> tuple[bytes, dict]:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", "bad_fields")
     # Fewer brackets than the limit cannot nest past it: the walk is skipped for almost every request.
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(body, MAX_JSON_DEPTH):
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and httpkit.nested_deeper(body):
         raise BadRequest(TOO_DEEP, "too_deep")
     if not isinstance(body.get("stream", False), bool):
         raise BadRequest("'stream' must be true or false", "bad_fields")

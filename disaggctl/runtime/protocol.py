@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from disaggctl import httpkit
+from disaggctl.httpkit import MAX_JSON_DEPTH
+
 SAMPLING_KEYS = {
     "max_new_tokens",
     "temperature",
@@ -59,9 +62,6 @@ CHAT_KEYS = (
 # Stop strings are matched on the event loop as text streams out; these bound the matcher's automaton.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 512
-# Far beyond any valid request (chat content parts are 5 deep); bounds what later code walking the body
-# recursively (json.dumps of a bad value, a proxy re-encoding it) can meet.
-MAX_JSON_DEPTH = 64
 
 
 class InvalidRequest(ValueError):
@@ -76,7 +76,7 @@ class InvalidRequest(ValueError):
 
 
 def error_body(message: str, status: int, type_: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": type_, "code": status}}
+    return httpkit.error_body(message, status, type_)
 
 
 @dataclass
@@ -121,23 +121,9 @@ def parse_json(raw: bytes) -> dict:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
-    if _depth_exceeds(body, MAX_JSON_DEPTH):
+    if httpkit.nested_deeper(body):
         raise InvalidRequest(f"request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
     return body
-
-
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    """Iterative, so that it cannot itself hit the recursion limit."""
-    todo = [(value, 1)]
-    while todo:
-        v, depth = todo.pop()
-        if depth > limit:
-            return True
-        if isinstance(v, dict):
-            todo.extend((x, depth + 1) for x in v.values() if isinstance(x, dict | list))
-        elif isinstance(v, list):
-            todo.extend((x, depth + 1) for x in v if isinstance(x, dict | list))
-    return False
 
 
 def _is_int(v: Any) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from disaggctl import __version__
+from disaggctl import __version__, httpkit
 from disaggctl.runtime.protocol import (
     BOOTSTRAP_KEYS,
     InvalidRequest,
@@ -331,15 +331,10 @@ async def _read_job(request: web.Request, parse) -> Job:
         raise InvalidRequest(
             "the server is not ready (model loading or stopping); retry later", 503, "service_unavailable"
         )
-    too_large = InvalidRequest(f"request body too large (limit {st.max_body_bytes} bytes)", 413)
-    if request.content_length is not None and request.content_length > st.max_body_bytes:
-        raise too_large
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise too_large from e
-    if len(raw) > st.max_body_bytes:
-        raise too_large
+        raw = await httpkit.read_limited(request, st.max_body_bytes)
+    except httpkit.TooLarge as e:
+        raise InvalidRequest(str(e), 413) from e
     body = parse_json(raw)
     if BOOTSTRAP_KEYS & body.keys():
         # Only the deployment's proxy may point a worker at a bootstrap (and thereby at KV memory).

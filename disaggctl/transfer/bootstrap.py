@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from disaggctl.httpkit import TooLarge, error_body, read_limited
 from disaggctl.transfer.kv_layout import KvLayout, RankPool, pools_incompatibility
 from disaggctl.trust import HEADER, AuthError, DeploymentKey
 
@@ -146,19 +147,6 @@ class KvResult:
     first_token: int
     logprob: float | None
     extra: dict[str, Any]
-
-
-def _error_body(message: str, kind: str, code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "code": code}}
-
-
-def _read_limited(body_limit: int):
-    async def read(request: web.Request) -> bytes:
-        if request.content_length is not None and request.content_length > body_limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=body_limit, actual_size=request.content_length)
-        return await request.read()
-
-    return read
 
 
 # -- where decodes of this deployment keep their KV -------------------------------------------------------
@@ -297,7 +285,6 @@ class PrefillBootstrap:
         self._finished: OrderedDict[int, tuple[float, str]] = OrderedDict()
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._read_body = _read_limited(max_body_bytes)
 
     # --- server ---------------------------------------------------------------------------------------
 
@@ -434,7 +421,7 @@ class PrefillBootstrap:
         self._remember(room, f"failed: {reason}")
         log.warning("KV room %d failed: %s", room, reason)
         if not entry.answer.done():
-            entry.answer.set_result((status, _error_body(reason, "kv_transfer_failed", status)))
+            entry.answer.set_result((status, error_body(reason, status, "kv_transfer_failed")))
         if not entry.registered.done() and entry.expected:
             entry.registered.set_exception(KvTransferError(room, reason))
         if entry.registration is not None:
@@ -455,13 +442,13 @@ class PrefillBootstrap:
         return web.Response(body=data, status=status, headers=headers, content_type="application/json")
 
     def _error(self, request: web.Request, message: str, kind: str, status: int) -> web.Response:
-        return self._answer(request, _error_body(message, kind, status), status)
+        return self._answer(request, error_body(message, status, kind), status)
 
     async def _authentic(self, request: web.Request) -> bytes | web.Response:
         """The request's body once its proof checks out; else the 4xx to answer with."""
         try:
-            raw = await self._read_body(request)
-        except web.HTTPRequestEntityTooLarge:
+            raw = await read_limited(request, self.max_body_bytes)
+        except TooLarge:
             message = f"registration body too large (limit {self.max_body_bytes} bytes)"
             return self._error(request, message, "invalid_request", 413)
         try:

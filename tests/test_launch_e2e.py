@@ -142,7 +142,14 @@ def test_up_status_again_logs_down(cli, deployed, disaggctl_home):
     # logs -f shows new lines as they come, and stops on SIGINT. Each step waits for what it needs (the
     # follower's first line, then the appended one), not for a fixed time: under load the CLI can take
     # seconds to start, and a SIGINT that lands while it imports is not the one this checks.
-    follower = subprocess.Popen([*cli, "logs", "-f", "-n", "1", "proxy"], stdout=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(
+        [*cli, "logs", "-f", "-n", "1", "proxy"],
+        stdout=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as a terminal delivers it: a test run started in the background inherits SIGINT ignored,
+        # and a process that starts with it ignored keeps it so
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         assert read_line(follower, 60).startswith("proxy | "), "the follower printed no last line"
         marker = f"appended while following {time.monotonic()}"

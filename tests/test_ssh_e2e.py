@@ -205,7 +205,8 @@ def test_two_host_prefill_decode_over_ssh_matches_colocated(netns_lab, reference
         down = cli(lab, home, "down", "--timeout", "10", timeout=120)
         down_s = time.monotonic() - t1
     assert down.returncode == 0, f"down failed:\n{down.stdout}\n{down.stderr}"
-    assert "stopped 3 process(es)" in down.stdout
+    assert "stopped 4 process(es)" in down.stdout  # prefill, decode, proxy, and the keeper up left running
+    assert "keeper: stopped" in down.stderr
     # nothing of the deployment is left on either host, and the state is gone
     assert wait_for(lambda: not serving(lab, h0.netns) and not serving(lab, h1.netns), 10, "no serve left")
     after = cli(lab, home, "status", "--json", timeout=60)

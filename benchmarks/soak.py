@@ -278,21 +278,29 @@ def classify(rec: RequestRecord, proxy: str) -> str:
     if re.search(r"\b(prefill|decode) https?://", rec.error):
         return "failed_clear"  # the proxy's answer names the worker it is about
     host_port = proxy.split("://", 1)[1]
-    if rec.error == "server disconnected" or host_port in rec.error or rec.error.startswith("broken stream"):
-        return "failed_proxy_gone"  # the proxy's own connection: it was the one killed
+    # the client's only connection is to the proxy: it going away (refused, reset, cut) is the proxy's
+    if (
+        rec.error == "server disconnected"
+        or host_port in rec.error
+        or rec.error.startswith("broken stream")
+        or (rec.error.startswith("ClientOSError") and "Connection reset" in rec.error)
+    ):
+        return "failed_proxy_gone"
     return "failed_other"
 
 
 def window(records: list[RequestRecord], start: float, end: float) -> dict:
+    """Requests sent in [start, end): how many, their p99 and rate of success; and the failures that
+    ended in it, whenever sent (a fault fails the requests in flight, sent before it)."""
     sent = [r for r in records if start <= r.send_time < end]
     ok = [r for r in sent if r.error is None]
     span = max(end - start, 1e-9)
     lat = p99([r.e2e for r in ok])
     return {
         "sent": len(sent),
-        "failed": len(sent) - len(ok),
         "p99_ms": round(lat * 1000, 1) if lat is not None else None,
         "ok_per_s": round(len(ok) / span, 2),
+        "failed_ended": sum(1 for r in records if r.error is not None and start <= r.end_time < end),
     }
 
 
@@ -373,6 +381,9 @@ def report(soak: Soak, pages: dict, machine: dict) -> dict:
                 "before": window(recs, f.at - a.window, f.at),
                 "during": window(recs, f.at, end),
                 "after": window(recs, end, end + a.window),
+                "errors": sorted(
+                    {r.error for r in recs if r.error is not None and f.at <= r.end_time < end + a.window}
+                ),
             }
         )
     return {
@@ -434,7 +445,7 @@ def print_table(doc: dict) -> None:
     print(f"baseline (first {doc['settings']['interval']:g} s): p99 {b['p99_ms']} ms, {b['ok_per_s']} ok/s")
     print(
         "\n| t (s) | target | fault | back after (s) | p99 before / during / after (ms) "
-        "| ok/s before / after (after/before) | failed during |"
+        "| ok/s before / after (after/before) | failed, from the fault to 30 s after recovery |"
     )
     print("|---|---|---|---|---|---|---|")
     for f in doc["faults"]:
@@ -443,7 +454,7 @@ def print_table(doc: dict) -> None:
         print(
             f"| {f['at_s']} | {f['target']} | {f['fault']} | {f['recovered_after_s']} | "
             f"{f['before']['p99_ms']} / {f['during']['p99_ms']} / {f['after']['p99_ms']} | "
-            f"{before} / {after} ({ratio}) | {f['during']['failed']} |"
+            f"{before} / {after} ({ratio}) | {f['during']['failed_ended'] + f['after']['failed_ended']} |"
         )
     p = doc["pages"]
     print(f"\npages leaked: {p['leaked']} (in use at the end: {p['used_at_end']})")

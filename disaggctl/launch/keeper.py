@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 
 from disaggctl.launch import health, local, restart, state
+from disaggctl.launch.backends import Backends, described, run_dir
 from disaggctl.launch.state import DeploymentState, ProcRecord
 from disaggctl.trust import ENV_HEX
 
@@ -106,7 +107,6 @@ def stop(rec: ProcRecord, grace_s: float) -> str:
 
 class Keeper:
     def __init__(self, name: str) -> None:
-        from disaggctl.launch.supervisor import Backends
         from disaggctl.topology.plan import Plan
 
         self.name = name
@@ -230,8 +230,6 @@ class Keeper:
         return st
 
     def restart(self, rec: ProcRecord, spec: Any) -> None:
-        from disaggctl.launch.supervisor import described, run_dir
-
         history = self.history.setdefault(rec.name, restart.History(self.settings))
         try:
             with state.locked(self.name, timeout_s=LOCK_WAIT_S):

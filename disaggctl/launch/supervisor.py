@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from disaggctl.launch import health, state
+from disaggctl.launch import health, keeper, state
+from disaggctl.launch.backends import Backends, described, run_dir
 from disaggctl.launch.local import LocalBackend
 from disaggctl.launch.state import DeploymentState, HostRecord, ProcRecord
 from disaggctl.trust import AuthError, DeploymentKey
@@ -102,57 +103,6 @@ def host_record(h: Any) -> HostRecord:
         run_dir=getattr(h, "run_dir", None),
         ssh=ssh,
     )
-
-
-class Backends:
-    """One backend per host for the lifetime of one command."""
-
-    def __init__(self) -> None:
-        self._local = LocalBackend()
-        self._remote: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def local(self) -> LocalBackend:
-        return self._local
-
-    def get(self, host: HostRecord) -> Any:
-        if host.local:
-            return self._local
-        with self._lock:
-            if host.name not in self._remote:
-                from disaggctl.launch.ssh import SshBackend
-
-                self._remote[host.name] = SshBackend(host)
-            return self._remote[host.name]
-
-    def reached(self, name: str) -> bool:
-        """Whether this command made a backend for the remote host `name`."""
-        with self._lock:
-            return name in self._remote
-
-
-def described(rec: ProcRecord, spec: Any, spec_hash: str) -> ProcRecord:
-    """A backend's record of a started process, with what `status` shows about it from its spec."""
-    return rec.model_copy(
-        update={
-            "spec_hash": spec_hash,
-            "role": spec.role,
-            "address": spec.address,
-            "gpus": list(spec.gpus or []),
-            "nics": list(spec.nics or []),
-            "tp": spec.tp,
-            "port": spec.port,
-            "bootstrap_port": spec.bootstrap_port,
-            "health_path": spec.health_path or "/health",
-        }
-    )
-
-
-def run_dir(deployment: str, host: HostRecord) -> str:
-    if host.local:
-        return str(state.log_dir(deployment))
-    return host.run_dir or f"~/.disaggctl/run/{deployment}"
 
 
 def _describe(e: BaseException) -> str:
@@ -290,8 +240,6 @@ def _start(
 def _stop_keeper(st: DeploymentState, grace_s: float, report: Report) -> str:
     """Stop the deployment's keeper (the caller holds the lock) and forget it in the state.
     -> "stopped" | "killed" | "gone"."""
-    from disaggctl.launch import keeper
-
     if st.keeper is None:
         return "gone"
     outcome = keeper.stop(st.keeper, grace_s)
@@ -304,8 +252,6 @@ def _stop_keeper(st: DeploymentState, grace_s: float, report: Report) -> str:
 def _hand_to_keeper(plan: Any, report: Report) -> None:
     """Start a keeper for what runs now (the caller holds the lock), unless nothing does or no process
     of the plan is to be restarted."""
-    from disaggctl.launch import keeper
-
     st = state.load(plan.name)
     if st is None or not st.processes:
         return

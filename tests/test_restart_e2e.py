@@ -5,6 +5,7 @@ happened (the keeper starts processes of its own)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -106,17 +107,9 @@ def deploy(cli, disaggctl_home, tmp_path):
         d.run("down", "--timeout", "5", timeout=60)
         left = [p for p in d.pids if alive(p)]
         for pid in left:  # never leave a process behind, even after a failed test
-            with contextlib_suppress():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         assert left == [], f"still running after down: {left}"
-
-
-class contextlib_suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError))
 
 
 def test_a_killed_decode_is_restarted_until_it_crash_loops_and_down_stops_the_keeper_first(deploy):

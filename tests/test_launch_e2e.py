@@ -22,6 +22,8 @@ CLI_TIMEOUT_S = 240
 
 
 def topology(path: Path, name: str, model: str = "builtin:tiny", policy: str = "round_robin") -> Path:
+    """A colocated deployment whose dead processes stay dead: these tests check what up, status and down
+    see of a killed process (the keeper's restarts are tests/test_restart_e2e.py's)."""
     worker, proxy = free_port(), free_port()
     path.write_text(
         f"""\
@@ -29,8 +31,8 @@ name: {name}
 model: {{path: {json.dumps(model)}}}
 hosts:
   - {{name: local, address: 127.0.0.1, gpus: 0, python: {json.dumps(sys.executable)}}}
-colocated: {{replicas: 1, port: {worker}}}
-proxy: {{host: local, port: {proxy}, policy: {policy}}}
+colocated: {{replicas: 1, port: {worker}, restart: "no"}}
+proxy: {{host: local, port: {proxy}, policy: {policy}, restart: "no"}}
 """
     )
     return path

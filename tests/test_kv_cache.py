@@ -110,4 +110,4 @@ def test_layout_addresses_match_the_tensor():
             for page in range(5):
                 addr = lay["base_ptr"] + ((layer * 2 + kv) * lay["num_pages"] + page) * lay["page_bytes"]
                 assert t[layer, kv, page].data_ptr() == addr
-    assert cache.pages_needed(8) == 2 and cache.pages_needed(9) == 3
+    assert cache.pages_for(8) == 2 and cache.pages_for(9) == 3

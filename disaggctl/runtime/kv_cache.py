@@ -177,8 +177,6 @@ class KVCache:
         """Pages that `num_tokens` tokens occupy."""
         return pages_for(num_tokens, self.page_size)
 
-    pages_needed = pages_for
-
 
 def pages_for(num_tokens: int, page_size: int) -> int:
     """Pages that `num_tokens` tokens occupy at `page_size` tokens a page (the one ceil-division)."""

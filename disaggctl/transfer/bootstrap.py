@@ -99,7 +99,6 @@ class DecodeRegistration:
     layout: KvLayout
     page_ids: list[int]
     prompt_len: int
-    decode: str | None = None  # the plan's name of the decode, once the prefill has resolved the session
     pools: list[RankPool] = field(default_factory=list)  # what that decode announced: where to write
     # Set when the decode side is gone or the room failed: the prefill should stop and free its pages.
     gone: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
@@ -506,7 +505,6 @@ class PrefillBootstrap:
         if reason:
             message = f"decode {name}'s KV layout is incompatible with this prefill: {reason}"
             return self._error(request, message, "invalid_request", 400)
-        registration.decode = name
         registration.pools = announced
         # Read the room again: while the session was looked up, the prefill's own request may have opened
         # it (fine), or a concurrent registration won it, or it finished (not fine).

@@ -228,6 +228,7 @@ class EngineConfig:
     tp_size: int = 1  # tensor-parallel ranks of this server (one process each)
     ep_size: int = 1  # 1: experts split like the dense MLP; tp_size: whole experts spread over the ranks
     dist_timeout_s: float = 120.0  # bound on every collective: a dead rank fails its peers, never hangs them
+    cuda_graph: bool = True  # replay decode steps as CUDA graphs (CUDA with Triton, dense models)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:

@@ -46,7 +46,7 @@ TRICKY = "$(touch /tmp/dctl-no) `x` ' \" \\ ; & | > * \n second line"
 
 def remote_backend() -> SshBackend:
     # never connects: only the scripts it would send are looked at
-    host = HostSpec(name="far", address="10.255.0.9", gpus=0, nics=[], local=False, python="python3")
+    host = HostSpec(name="far", address="10.255.0.9", gpus=0, nics=[], local=False, backend="ssh", python="python3")
     return SshBackend(host)
 
 

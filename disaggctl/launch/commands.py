@@ -495,6 +495,7 @@ def logs(
     ] = None,
 ) -> None:
     from disaggctl.launch import logview, supervisor
+    from disaggctl.launch.local import LocalBackend
 
     if lines is not None and lines < 0:
         raise _fail("--tail must be 0 or more", EXIT_USAGE)
@@ -507,7 +508,8 @@ def logs(
         raise _fail(str(e), EXIT_USAGE) from None
     prefix = logview.Prefixer([r.name for r in chosen], logview.want_colour(no_color, sys.stdout))
     backends = supervisor.Backends()
-    sources = [(r, backends.local if r in keeper else backends.get(st.host(r.host))) for r in chosen]
+    # the keeper runs where `up` ran: on this machine
+    sources = [(r, LocalBackend() if r in keeper else backends.get(st.host(r.host))) for r in chosen]
     out = sys.stdout
     try:
         if not follow:

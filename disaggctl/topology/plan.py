@@ -33,6 +33,7 @@ class HostSpec(BaseModel):
     gpus: int
     nics: list[str]
     local: bool
+    backend: str  # local | ssh unless the topology names another (launch/backend.py)
     ssh: SshSettings | None = None
     python: str
     run_dir: str | None = None
@@ -377,7 +378,7 @@ def _host_spec(h: Host, local_names: set[str]) -> HostSpec:
     python = h.python or (sys.executable if local else "python3")
     return HostSpec(
         name=h.name, address=h.address, gpus=h.gpus, nics=list(h.nics), local=local, ssh=h.ssh,
-        python=python, run_dir=h.run_dir,
+        backend=h.backend or ("local" if local else "ssh"), python=python, run_dir=h.run_dir,
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from conftest import wait_for
 from test_launch_e2e import run, status_doc, topology, wait_gone
 
 from disaggctl.launch.ssh import SshBackend, env_file, secret_command
-from disaggctl.topology.plan import HostSpec, ProcessSpec
+from disaggctl.topology.spec import HostSpec, ProcessSpec
 from disaggctl.trust import DeploymentKey
 
 SECRET_ENV = "DISAGGCTL_SECRET_FILE"

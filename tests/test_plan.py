@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from disaggctl.topology.checks import check_launchable
 from disaggctl.topology.load import TopologyError, load_topology
-from disaggctl.topology.plan import build_plan, check_launchable
+from disaggctl.topology.plan import build_plan
 
 HEAD = "name: t\nmodel: {path: builtin:tiny}\n"
 GPU_HOST = "hosts:\n  - {name: n0, address: 127.0.0.1, gpus: 8, nics: [mlx5_0, mlx5_1, mlx5_2, mlx5_3]}\n"
@@ -518,7 +519,7 @@ def test_a_tp_that_cannot_shard_a_local_model_is_refused(tmp_path):
 
 def test_builtin_shapes_match_the_runtimes_builtin_models():
     from disaggctl.runtime import builtin
-    from disaggctl.topology.plan import BUILTIN_SHAPES
+    from disaggctl.topology.checks import BUILTIN_SHAPES
 
     assert set(BUILTIN_SHAPES) == {builtin.PREFIX + name for name in builtin.BUILTINS}
     tiny = builtin.TINY_CONFIG

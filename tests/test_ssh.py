@@ -18,7 +18,7 @@ from disaggctl.launch import ssh
 from disaggctl.launch.backend import record
 from disaggctl.launch.preflight import preflight
 from disaggctl.launch.ssh import SshBackend, SshError, SshTarget, connection
-from disaggctl.topology.plan import HostSpec, ProcessSpec
+from disaggctl.topology.spec import HostSpec, ProcessSpec
 from disaggctl.trust import DeploymentKey
 
 pytest_plugins = ["netns_hosts"]

@@ -49,8 +49,9 @@ def _load_plan(path: Path, engine: str | None = None, launch: bool = False) -> A
     """Topology file -> Plan; topology errors are printed as `file:line: field: message`, exit 2."""
     if not path.is_file():
         raise _fail(f"{path}: no such topology file", EXIT_USAGE)
+    from disaggctl.topology.checks import check_launchable
     from disaggctl.topology.load import TopologyError, load_topology
-    from disaggctl.topology.plan import build_plan, check_launchable
+    from disaggctl.topology.plan import build_plan
 
     try:
         topo = load_topology(path)

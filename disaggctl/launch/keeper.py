@@ -106,7 +106,7 @@ def stop(rec: ProcRecord, grace_s: float) -> str:
 
 class Keeper:
     def __init__(self, name: str) -> None:
-        from disaggctl.topology.plan import Plan
+        from disaggctl.topology.spec import Plan
 
         self.name = name
         self.plan = Plan.model_validate_json(state.keeper_plan_path(name).read_text())

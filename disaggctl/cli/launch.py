@@ -1,4 +1,4 @@
-"""The commands plan / up / status / logs / down: parse, call the supervisor, render.
+"""The commands plan / up / status / logs / down: parse, call the launcher (disaggctl/launch/), render.
 
 Exit codes: 0 ok, 1 runtime failure (or no deployment), 2 usage or topology error, 3 `status` found a
 process not running or not healthy, 130 interrupted. Data goes to stdout, progress and errors to stderr.

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from disaggctl import __version__
 from disaggctl.bench import client, metrics, report, workload
-from disaggctl.bench.command import BenchInputError, deployment_url
+from disaggctl.bench.run import BenchInputError, deployment_url
 
 # (label, result key, which requests): the rows of the side-by-side table.
 ROWS = (

@@ -1,3 +1,3 @@
-from disaggctl.cli import main
+from disaggctl.cli.main import main
 
 main()

@@ -1,9 +1,13 @@
 """What every HTTP endpoint of disaggctl does alike: the error body, a bounded body read, the JSON nesting
-bound. The proxy, the runtime servers and the prefill's bootstrap all use it; no torch, no runtime.
+bound, Prometheus text, and stopping on SIGTERM/SIGINT. The proxy, the runtime servers and the
+prefill's bootstrap all use it; no torch, no runtime.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 from typing import Any
 
 from aiohttp import web
@@ -54,3 +58,23 @@ def nested_deeper(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
             if isinstance(child, dict | list):
                 stack.append((child, depth + 1))
     return False
+
+
+def family(lines: list[str], name: str, kind: str, help_: str) -> None:
+    """A Prometheus metric family's HELP and TYPE lines; its samples follow."""
+    lines.append(f"# HELP {name} {help_}")
+    lines.append(f"# TYPE {name} {kind}")
+
+
+def prometheus(lines: list[str]) -> web.Response:
+    """The answer of a /metrics endpoint (Prometheus text format)."""
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set `stop`, for a server to end gracefully. Outside the main thread (a test
+    running a server in a thread) there are no signals to handle, and nothing is set up."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from disaggctl.bench import metrics, report, workload
-from disaggctl.bench.command import BenchInputError, parse_slo
 from disaggctl.bench.metrics import RequestRecord
+from disaggctl.bench.run import BenchInputError, parse_slo
 
 
 def synthetic_records(

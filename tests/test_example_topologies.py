@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from disaggctl.topology.checks import check_launchable
 from disaggctl.topology.load import load_topology
-from disaggctl.topology.plan import build_plan, check_launchable
+from disaggctl.topology.plan import build_plan
 from disaggctl.topology.sglang import render_commands
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"

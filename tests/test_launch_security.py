@@ -18,7 +18,7 @@ from conftest import wait_for
 from test_launch_e2e import run, status_doc, topology, wait_gone
 
 from disaggctl.launch.ssh import SshBackend, env_file, secret_command
-from disaggctl.topology.plan import HostSpec, ProcessSpec
+from disaggctl.topology.spec import HostSpec, ProcessSpec
 from disaggctl.trust import DeploymentKey
 
 SECRET_ENV = "DISAGGCTL_SECRET_FILE"
@@ -46,7 +46,7 @@ TRICKY = "$(touch /tmp/dctl-no) `x` ' \" \\ ; & | > * \n second line"
 
 def remote_backend() -> SshBackend:
     # never connects: only the scripts it would send are looked at
-    host = HostSpec(name="far", address="10.255.0.9", gpus=0, nics=[], local=False, python="python3")
+    host = HostSpec(name="far", address="10.255.0.9", gpus=0, nics=[], local=False, backend="ssh", python="python3")
     return SshBackend(host)
 
 

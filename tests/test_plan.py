@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from disaggctl.topology.checks import check_launchable
 from disaggctl.topology.load import TopologyError, load_topology
-from disaggctl.topology.plan import build_plan, check_launchable
+from disaggctl.topology.plan import build_plan
 
 HEAD = "name: t\nmodel: {path: builtin:tiny}\n"
 GPU_HOST = "hosts:\n  - {name: n0, address: 127.0.0.1, gpus: 8, nics: [mlx5_0, mlx5_1, mlx5_2, mlx5_3]}\n"
@@ -184,6 +185,19 @@ def test_embedded_argv_is_what_serve_parses(tmp_path):
     )
     d = build_parser("decode").parse_args(dec.argv[5:])
     assert (d.port, d.max_batch, d.transfer_protocol, d.ib_device) == (dec.port, 16, "rdma", "mlx5_1")
+    assert (a.cuda_graph, d.cuda_graph) == (True, True)  # graphs are the engine's default
+
+
+def test_cuda_graph_false_reaches_both_engines(tmp_path):
+    from disaggctl.runtime.server import build_parser
+
+    text = HEAD + GPU_HOST + "prefill: {}\ndecode: {cuda_graph: false}\n"
+    dec = plan_of(tmp_path, text).process("decode-0")
+    assert build_parser("decode").parse_args(dec.argv[5:]).cuda_graph is False
+    assert "--no-cuda-graph" not in plan_of(tmp_path, text).process("prefill-0").argv
+    sgl = plan_of(tmp_path, text.replace("name: t\n", "name: t\nengine: sglang\n"))
+    assert "--disable-cuda-graph" in sgl.process("decode-0").argv
+    assert "--disable-cuda-graph" not in sgl.process("prefill-0").argv
 
 
 def test_builtin_proxy_argv(tmp_path):
@@ -518,7 +532,7 @@ def test_a_tp_that_cannot_shard_a_local_model_is_refused(tmp_path):
 
 def test_builtin_shapes_match_the_runtimes_builtin_models():
     from disaggctl.runtime import builtin
-    from disaggctl.topology.plan import BUILTIN_SHAPES
+    from disaggctl.topology.checks import BUILTIN_SHAPES
 
     assert set(BUILTIN_SHAPES) == {builtin.PREFIX + name for name in builtin.BUILTINS}
     tiny = builtin.TINY_CONFIG

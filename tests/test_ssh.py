@@ -15,10 +15,10 @@ import pytest
 from conftest import wait_for
 
 from disaggctl.launch import ssh
+from disaggctl.launch.backend import record
 from disaggctl.launch.preflight import preflight
 from disaggctl.launch.ssh import SshBackend, SshError, SshTarget, connection
-from disaggctl.launch.state import ProcRecord
-from disaggctl.topology.plan import HostSpec, ProcessSpec
+from disaggctl.topology.spec import HostSpec, ProcessSpec
 from disaggctl.trust import DeploymentKey
 
 pytest_plugins = ["netns_hosts"]
@@ -27,6 +27,8 @@ pytestmark = pytest.mark.netns
 
 class FakePlan:
     """Only `processes` is read by pre-flight; a whole Plan needs a topology file this module has no use for."""
+
+    sglang_version = None
 
     def __init__(self, processes):
         self.processes = processes
@@ -48,6 +50,7 @@ def host_spec(lab, name: str, **ssh_overrides) -> HostSpec:
         gpus=0,
         nics=[],
         local=False,
+        backend="ssh",
         ssh=lab.ssh_settings(**ssh_overrides),
         python=sys.executable,
         run_dir=None,
@@ -217,9 +220,9 @@ def test_remote_proxy_start_health_status_logs_stop(lab):
     spec = process_spec(lab, "proxy", "h0", argv, port)
     backend = SshBackend(host_spec(lab, "h0"))
     t0 = time.monotonic()
-    rec = backend.start(spec, run_dir(lab))
+    rec = record(spec, backend.start(spec, run_dir(lab)), "h")
     start_s = time.monotonic() - t0
-    assert isinstance(rec, ProcRecord) and rec.backend == "ssh" and rec.host == "h0"
+    assert rec.host == "h0" and rec.log_path.endswith("/proxy.log") and rec.boot_id
     try:
         health = f"{spec.url}{spec.health_path}"
         wait_for(lambda: http_status(health) == 200, 30, f"{health} to answer 200")
@@ -271,7 +274,7 @@ def test_shell_metacharacters_arrive_verbatim(lab, tmp_path):
         lab, "evil-0", "h1", [sys.executable, "-c", code, *args], 18090, env={"EVIL": env_value}
     )
     backend = SshBackend(host_spec(lab, "h1"))
-    rec = backend.start(spec, run_dir(lab) + "/with space; $(touch " + marker + ")")
+    rec = record(spec, backend.start(spec, run_dir(lab) + "/with space; $(touch " + marker + ")"), "h")
     try:
         wait_for(out.exists, 10, "the process to record what it saw")
         seen = json.loads(wait_for(lambda: out.read_text() or None, 5, "the record to be written"))
@@ -317,7 +320,7 @@ def test_secret_and_environment_reach_the_process_but_no_command_line(lab, tmp_p
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        rec = backend.start(spec, directory, secret_file=str(local_secret))
+        rec = record(spec, backend.start(spec, directory, secret_file=str(local_secret)), "h")
     finally:
         done.set()
         sampler.join(30)
@@ -350,7 +353,7 @@ def test_stop_kills_term_ignoring_group_and_escaped_children(lab):
     )
     spec = process_spec(lab, "stubborn", "h0", [sys.executable, "-c", code], 18091)
     backend = SshBackend(host_spec(lab, "h0"))
-    rec = backend.start(spec, run_dir(lab))
+    rec = record(spec, backend.start(spec, run_dir(lab)), "h")
     netns = lab.host("h0").netns
 
     def sleepers() -> list[str]:
@@ -368,7 +371,7 @@ def test_stop_kills_term_ignoring_group_and_escaped_children(lab):
 def test_identity_check_never_signals_a_different_process(lab):
     spec = process_spec(lab, "sleeper", "h1", [sys.executable, "-c", "import time; time.sleep(60)"], 18092)
     backend = SshBackend(host_spec(lab, "h1"))
-    rec = backend.start(spec, run_dir(lab))
+    rec = record(spec, backend.start(spec, run_dir(lab)), "h")
     try:
         assert backend.alive(rec)
         reused = rec.model_copy(update={"start_time": str(int(rec.start_time) + 1)})

@@ -17,6 +17,7 @@ import psutil
 import pytest
 from conftest import free_port, wait_for
 
+from disaggctl.launch import backend as launch_backend
 from disaggctl.launch import health, logview, state, supervisor
 from disaggctl.launch.local import LocalBackend, rotate
 from disaggctl.launch.state import DeploymentState, HostRecord, ProcRecord
@@ -32,6 +33,19 @@ class Spec:
     host: str = "local"
     env: dict[str, str] = field(default_factory=dict)
     url: str = "http://127.0.0.1:9"
+    role: str = "colocated"
+    address: str = "127.0.0.1"
+    gpus: list[int] = field(default_factory=list)
+    nics: list[str] = field(default_factory=list)
+    tp: int = 1
+    port: int = 9
+    bootstrap_port: int | None = None
+    health_path: str = "/health"
+
+
+def started(backend: LocalBackend, spec: Spec, run_dir: str, **kw) -> ProcRecord:
+    """Start `spec` as `up` does: the backend starts it, the record is made of what it returns."""
+    return launch_backend.record(spec, backend.start(spec, run_dir, **kw), "h")
 
 
 def make_state(name: str = "demo", procs: list[ProcRecord] | None = None) -> DeploymentState:
@@ -48,7 +62,7 @@ def record(
 ) -> ProcRecord:
     return ProcRecord(
         name=name, host="local", pid=pid, start_time=0.0, log_path="/nonexistent", started_at=time.time(),
-        spec_hash="h", url=url, backend="local", role=role,
+        spec_hash="h", url=url, role=role,
     )  # fmt: skip
 
 
@@ -171,8 +185,8 @@ def backend():
 
 @pytest.mark.slow
 def test_start_records_identity_and_log(backend, tmp_path):
-    rec = backend.start(Spec("w", SLEEPER, env={"MARK": "x y"}), str(tmp_path))
-    assert rec.backend == "local" and rec.host == "local"
+    rec = started(backend, Spec("w", SLEEPER, env={"MARK": "x y"}), str(tmp_path))
+    assert rec.host == "local" and rec.log_path == str(tmp_path / "w.log")
     p = psutil.Process(rec.pid)
     assert os.getpgid(rec.pid) == rec.pid and os.getsid(rec.pid) == rec.pid  # own session and group
     assert float(rec.start_time) == pytest.approx(p.create_time())
@@ -193,7 +207,7 @@ def test_start_hands_the_secret_over_by_file_name_and_keeps_files_private(
     # a key in the caller's own environment belongs to something else: it must not reach the process
     monkeypatch.setenv("DISAGGCTL_SECRET", "ab" * 16)
     run_dir = tmp_path / "logs"
-    rec = backend.start(Spec("w", SLEEPER, env={"MARK": "x"}), str(run_dir), secret_file=str(secret))
+    rec = started(backend, Spec("w", SLEEPER, env={"MARK": "x"}), str(run_dir), secret_file=str(secret))
     p = psutil.Process(rec.pid)
     wait_for(lambda: backend.read_log(rec) == ["up"], 10, "the log line")  # exec'd: its own environment
     environ = p.environ()
@@ -206,7 +220,7 @@ def test_start_hands_the_secret_over_by_file_name_and_keeps_files_private(
 
 @pytest.mark.slow
 def test_reused_pid_is_never_signalled(backend, tmp_path):
-    rec = backend.start(Spec("w", SLEEPER), str(tmp_path))
+    rec = started(backend, Spec("w", SLEEPER), str(tmp_path))
     other = rec.model_copy(update={"start_time": float(rec.start_time) - 100})  # as if the pid was reused
     assert not backend.alive(other)
     assert backend.stop(other, 1) == "gone"
@@ -220,7 +234,7 @@ def test_reused_pid_is_never_signalled(backend, tmp_path):
 @pytest.mark.slow
 def test_zombie_counts_as_dead(tmp_path):
     b = LocalBackend()
-    rec = b.start(Spec("w", [sys.executable, "-c", "pass"]), str(tmp_path))
+    rec = started(b, Spec("w", [sys.executable, "-c", "pass"]), str(tmp_path))
     child = b._children.pop(rec.pid)  # keep the backend from reaping it: it stays a zombie
     wait_for(lambda: psutil.Process(rec.pid).status() == psutil.STATUS_ZOMBIE, 10, "a zombie")
     assert not b.alive(rec)
@@ -230,7 +244,7 @@ def test_zombie_counts_as_dead(tmp_path):
 
 @pytest.mark.slow
 def test_stop_kills_the_group_and_escaped_descendants(backend, tmp_path):
-    rec = backend.start(Spec("stubborn", [sys.executable, "-c", STUBBORN]), str(tmp_path))
+    rec = started(backend, Spec("stubborn", [sys.executable, "-c", STUBBORN]), str(tmp_path))
     wait_for(lambda: backend.read_log(rec), 10, "the grandchild's pid")
     kid = int(backend.read_log(rec)[0].split()[1])
     assert os.getpgid(kid) != rec.pid  # escaped the group
@@ -248,7 +262,7 @@ def test_stale_record_with_a_surviving_group_member(tmp_path):
     """The leader crashed, its child lives on in the group: stop finds and stops the child."""
     b = LocalBackend()
     code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); print('ok', flush=True)"
-    rec = b.start(Spec("w", [sys.executable, "-c", code]), str(tmp_path))
+    rec = started(b, Spec("w", [sys.executable, "-c", code]), str(tmp_path))
     wait_for(lambda: not b.alive(rec), 10, "the leader to exit")
     survivors = [p for p in psutil.process_iter() if _pgid(p.pid) == rec.pid]
     assert survivors, "the child should still be running in the leader's group"
@@ -354,8 +368,7 @@ def test_levels_follow_the_start_order():
 def test_status_and_down_of_stale_state(disaggctl_home, tmp_path):
     """A record whose process died (killed -9) shows dead; down cleans the state without signalling."""
     b = LocalBackend()
-    rec = b.start(Spec("colocated-0", SLEEPER), str(tmp_path))
-    rec = rec.model_copy(update={"role": "colocated"})
+    rec = started(b, Spec("colocated-0", SLEEPER), str(tmp_path))
     state.save(make_state(procs=[rec]))
     os.kill(rec.pid, signal.SIGKILL)
     b._children[rec.pid].wait(5)
@@ -407,3 +420,11 @@ def test_select_by_name_or_role():
     assert len(logview.select(recs, None)) == 3
     with pytest.raises(ValueError, match="no process or role 'decode'"):
         logview.select(recs, "decode")
+
+
+def test_a_host_backend_is_chosen_by_its_kind_and_an_unknown_one_is_named():
+    assert launch_backend.backend_class("local") is LocalBackend
+    with pytest.raises(ValueError, match=r"unknown launch backend 'slurm' \(known: local, ssh\)"):
+        launch_backend.backend_class("slurm")
+    older = HostRecord.model_validate({"name": "far", "address": "10.0.0.9", "local": False})
+    assert older.backend == "ssh"  # a state file written before hosts named their backend

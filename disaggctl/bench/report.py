@@ -1,12 +1,10 @@
-"""Presenting results: the JSON document, the console table, the A/B comparison and the plot."""
+"""Results: the JSON document, the A/B comparison's rows and the plot (the command line draws the
+tables: disaggctl/cli/bench.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from rich.console import Console
-from rich.table import Table
 
 from disaggctl.bench.metrics import LATENCY_METRICS, STATS, RequestRecord
 
@@ -34,8 +32,6 @@ REQUIRED = {
 }
 CONTEXT_KEYS = ("url", "backend", "dataset", "num_prompts", "request_rate", "max_concurrency", "seed", "date")
 
-LATENCY_TITLES = {"ttft": "Time to first token", "tpot": "Time per output token (excl. 1st)",
-                  "itl": "Inter-chunk latency", "e2e_latency": "End-to-end latency"}  # fmt: skip
 COMPARE_ROWS = (
     ("completed", "completed"),
     ("failed", "failed"),
@@ -101,54 +97,6 @@ def fmt_number(value: object, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def render(doc: dict, console: Console) -> None:
-    """The console report: totals, then one block per latency metric, then SLOs and errors."""
-    ctx = doc["context"]
-    table = Table(title=f"disaggctl bench: {ctx.get('url')} ({ctx.get('backend')})", show_header=False)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rate = ctx.get("request_rate")
-    rows = [
-        ("Successful requests", fmt_number(doc["completed"])),
-        ("Failed requests", fmt_number(doc["failed"])),
-        ("Request rate (configured)", str(rate)),
-        ("Max concurrency (configured)", str(ctx.get("max_concurrency") or "-")),
-        ("Benchmark duration (s)", fmt_number(doc["duration"])),
-        ("Total input tokens", fmt_number(doc["total_input_tokens"])),
-        ("Total output tokens", fmt_number(doc["total_output_tokens"])),
-        ("Request throughput (req/s)", fmt_number(doc["request_throughput"])),
-        ("Request goodput (req/s)", fmt_number(doc["request_goodput"])),
-        ("Input token throughput (tok/s)", fmt_number(doc["input_throughput"])),
-        ("Output token throughput (tok/s)", fmt_number(doc["output_throughput"])),
-        ("Total token throughput (tok/s)", fmt_number(doc["total_token_throughput"])),
-        ("Concurrency (mean in flight)", fmt_number(doc["concurrency"])),
-        ("Peak concurrent requests", fmt_number(doc["max_concurrent_requests"])),
-    ]
-    if doc.get("mean_tokens_per_chunk") is not None:
-        rows.append(("Tokens per chunk (mean)", fmt_number(doc["mean_tokens_per_chunk"])))
-    for name, value in rows:
-        table.add_row(name, value)
-    for metric in LATENCY_METRICS:
-        table.add_section()
-        table.add_row(f"[bold]{LATENCY_TITLES[metric]}[/bold]", "")
-        for stat in STATS:
-            table.add_row(f"  {stat} (ms)", fmt_number(doc[f"{stat}_{metric}_ms"]))
-    if doc.get("slo_attainment"):
-        table.add_section()
-        slo = ctx.get("slo") or {}
-        for key, frac in doc["slo_attainment"].items():
-            label = f"within {key} <= {slo[key]:g} ms" if key in slo else "within all SLOs"
-            table.add_row(label, f"{frac * 100:.1f}%")
-    console.print(table)
-    if doc["errors"]:
-        errors = Table(title="Errors", show_header=True)
-        errors.add_column("count", justify="right")
-        errors.add_column("error")
-        for message, count in doc["errors"].items():
-            errors.add_row(str(count), message)
-        console.print(errors)
-
-
 def compare_rows(a: dict, b: dict) -> list[tuple[str, object, object, float | None]]:
     """(label, A value, B value, B/A) for the key metrics; the ratio is None where A is 0 or missing."""
     rows = []
@@ -157,24 +105,6 @@ def compare_rows(a: dict, b: dict) -> list[tuple[str, object, object, float | No
         ratio = vb / va if isinstance(va, int | float) and isinstance(vb, int | float) and va else None
         rows.append((label, va, vb, ratio))
     return rows
-
-
-def render_compare(a: dict, b: dict, names: tuple[str, str], console: Console) -> None:
-    table = Table(title="disaggctl bench: A vs B")
-    table.add_column("metric")
-    table.add_column(f"A: {names[0]}", justify="right")
-    table.add_column(f"B: {names[1]}", justify="right")
-    table.add_column("B/A", justify="right")
-    for label, va, vb, ratio in compare_rows(a, b):
-        table.add_row(label, fmt_number(va), fmt_number(vb), "-" if ratio is None else f"{ratio:.2f}x")
-    for side, doc in (("A", a), ("B", b)):
-        ctx = doc["context"]
-        console.print(
-            f"{side}: {ctx.get('url')} backend={ctx.get('backend')} dataset={ctx.get('dataset')} "
-            f"rate={ctx.get('request_rate')} concurrency={ctx.get('max_concurrency')} "
-            f"prompts={ctx.get('num_prompts')} date={ctx.get('date')}"
-        )
-    console.print(table)
 
 
 class PlotUnavailable(RuntimeError):

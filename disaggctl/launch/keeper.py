@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 
 from disaggctl.launch import health, local, restart, state
-from disaggctl.launch.backends import Backends, described, run_dir
+from disaggctl.launch.backend import Backend, Backends, record
 from disaggctl.launch.state import DeploymentState, ProcRecord
 from disaggctl.trust import ENV_HEX
 
@@ -70,7 +70,7 @@ def start(plan: Any) -> ProcRecord:
         )
     finally:
         os.close(fd)
-    host = next((h.name for h in plan.hosts if getattr(h, "local", False)), "localhost")
+    host = next((h.name for h in plan.hosts if h.local), "localhost")
     return ProcRecord(
         name=NAME,
         host=host,
@@ -81,7 +81,6 @@ def start(plan: Any) -> ProcRecord:
         started_at=time.time(),
         spec_hash=hashlib.sha256(data).hexdigest()[:16],
         url="",
-        backend="local",
         role=NAME,
     )
 
@@ -107,7 +106,7 @@ def stop(rec: ProcRecord, grace_s: float) -> str:
 
 class Keeper:
     def __init__(self, name: str) -> None:
-        from disaggctl.topology.plan import Plan
+        from disaggctl.topology.spec import Plan
 
         self.name = name
         self.plan = Plan.model_validate_json(state.keeper_plan_path(name).read_text())
@@ -172,7 +171,7 @@ class Keeper:
             if now >= (rec.next_restart_at or 0):
                 self.restart(rec, spec)
             return
-        code = getattr(backend, "exit_code", lambda r: None)(rec)
+        code = backend.exit_code(rec)
         decision = self.history.setdefault(rec.name, restart.History(self.settings)).decide(
             spec.restart, code, now
         )
@@ -191,7 +190,7 @@ class Keeper:
         )
         log.warning("%s (pid %d) %s", rec.name, rec.pid, decision.reason)
 
-    def check_started(self, rec: ProcRecord, backend: Any, now: float) -> None:
+    def check_started(self, rec: ProcRecord, backend: Backend, now: float) -> None:
         h = health.probe(rec.url, rec.health_path)
         if h.ok:
             self.update(rec, keeper_state="")
@@ -251,7 +250,7 @@ class Keeper:
                 try:
                     if not secret.is_file():
                         raise RuntimeError(f"the deployment's secret file {secret} is gone")
-                    new = backend.start(spec, run_dir(self.name, host), secret_file=str(secret))
+                    started = backend.start(spec, backend.run_dir(self.name), secret_file=str(secret))
                 except Exception as e:
                     history.restarted(now)
                     decision = history.decide(spec.restart, None, now)
@@ -265,15 +264,11 @@ class Keeper:
                     state.save(st)
                     log.error("%s: could not start it again: %s; %s", rec.name, e, decision.reason)
                     return
-                new = described(new, spec, spec_hash).model_copy(
-                    update={
-                        "restarts": cur.restarts + 1,
-                        "keeper_state": restart.STARTING,
-                        "last_exit": cur.last_exit,
-                        "exited_at": cur.exited_at,
-                        "log_tail": cur.log_tail,
-                    }
-                )
+                new = record(spec, started, spec_hash)
+                # what status shows of the instance that ended, until this one ends in turn
+                new.restarts = cur.restarts + 1
+                new.keeper_state = restart.STARTING
+                new.last_exit, new.exited_at, new.log_tail = cur.last_exit, cur.exited_at, cur.log_tail
                 st.processes[i] = new
                 state.save(st)
         except state.StateError:

@@ -18,6 +18,8 @@ from typing import Any
 
 import psutil
 
+from disaggctl.launch import preflight, state
+from disaggctl.launch.backend import Started
 from disaggctl.launch.state import ProcRecord, private_dir
 from disaggctl.trust import ENV_FILE, ENV_HEX
 
@@ -59,19 +61,40 @@ def _gone(p: psutil.Process) -> bool:
         return True
 
 
+def _run(command: str, timeout: float) -> tuple[int, str, str]:
+    try:
+        r = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 124, "", f"timed out after {timeout:g} s"
+    return r.returncode, r.stdout, r.stderr
+
+
 class LocalBackend:
-    """The launch Backend (docs/architecture.md) for processes on this machine."""
+    """The launch backend (launch/backend.py) for processes on this machine."""
 
     kind = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, host: Any = None) -> None:
         # Popen objects of what this CLI invocation started: polling them reaps our own zombies and
         # gives the exit code when a process dies while `up` waits for it.
         self._children: dict[int, subprocess.Popen] = {}
 
+    @classmethod
+    def preflight(
+        cls, host: Any, processes: list, sglang_version: str | None, connect_timeout_s: float
+    ) -> list[preflight.Problem]:
+        """The same checks as on a remote host, through `sh -c`."""
+        return preflight.check_host(host, processes, _run, sglang_version)
+
+    def run_dir(self, deployment: str) -> str:
+        return str(state.log_dir(deployment))
+
+    def remove_private_files(self, recs: list[ProcRecord]) -> None:
+        """Nothing: local processes read the deployment's own secret file, which `down` removes."""
+
     # -- start --------------------------------------------------------------------------------------
 
-    def start(self, spec: Any, run_dir: str, secret_file: str | None = None) -> ProcRecord:
+    def start(self, spec: Any, run_dir: str, secret_file: str | None = None) -> Started:
         """Start `spec` with its output in `run_dir`/NAME.log; `secret_file` (the deployment secret, a
         0600 file) is handed over by name in the environment, never on the command line."""
         directory = private_dir(run_dir)
@@ -97,18 +120,7 @@ class LocalBackend:
         self._children[proc.pid] = proc
         # The child cannot have been reaped yet (only we could), so its create_time is readable.
         created = psutil.Process(proc.pid).create_time()
-        return ProcRecord(
-            name=spec.name,
-            host=spec.host,
-            pid=proc.pid,
-            start_time=created,
-            boot_id=boot_id(),
-            log_path=str(log_path),
-            started_at=time.time(),
-            spec_hash=getattr(spec, "spec_hash", "") or "",
-            url=spec.url,
-            backend="local",
-        )
+        return Started(pid=proc.pid, start_time=created, boot_id=boot_id(), log_path=str(log_path))
 
     # -- identity -----------------------------------------------------------------------------------
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from disaggctl import __version__
+from disaggctl.launch.backend import backend_class
 
 Runner = Callable[[str, float], tuple[int, str, str]]
 
@@ -157,7 +157,7 @@ def _needs(host: Any, processes: list) -> dict:
     for p in processes:
         argv = [str(a) for a in p.argv]
         ports.append([p.bind, int(p.port), p.name])
-        if getattr(p, "bootstrap_port", None):
+        if p.bootstrap_port:
             ports.append([p.bind, int(p.bootstrap_port), f"{p.name} bootstrap"])
         if "--language-only" in argv:
             port = int(_flag(argv, "--encoder-bootstrap-port") or ENCODER_BOOTSTRAP_PORT)
@@ -175,7 +175,7 @@ def _needs(host: Any, processes: list) -> dict:
         modules.extend(m for m in wanted if m not in modules)
         disaggctl = disaggctl or not wanted
         rdma = rdma or (p.env or {}).get("MC_FORCE_HCA") == "1"
-    nics.extend(n for n in (getattr(host, "nics", None) or []) if n not in nics)
+    nics.extend(n for n in host.nics if n not in nics)
     return {
         "ports": ports, "paths": paths, "gpus": gpus, "nics": nics, "modules": modules,
         "disaggctl": disaggctl, "rdma": rdma,
@@ -226,7 +226,7 @@ def check_host(host: Any, processes: list, run: Runner, sglang_version: str | No
     """Every check for one host, through `run(command, timeout) -> (rc, stdout, stderr)`.
     `sglang_version`: the SGLang release the plan's commands are rendered for (engine sglang)."""
     name = host.name
-    python = getattr(host, "python", None) or "python3"
+    python = host.python or "python3"
     problems: list[Problem] = []
     needs = _needs(host, processes)
 
@@ -266,7 +266,7 @@ def check_host(host: Any, processes: list, run: Runner, sglang_version: str | No
         ]
     problems += [Problem(name, check, msg) for check, msg in found["problems"]]
 
-    declared = int(getattr(host, "gpus", 0) or 0)
+    declared = int(host.gpus)
     wanted = max([declared, *(g + 1 for g in needs["gpus"])])
     if found["gpus"] is not None and found["gpus"] < wanted:
         problems.append(
@@ -298,39 +298,14 @@ def check_host(host: Any, processes: list, run: Runner, sglang_version: str | No
     return problems
 
 
-def _local_runner(command: str, timeout: float) -> tuple[int, str, str]:
-    try:
-        r = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return 124, "", f"timed out after {timeout:g} s"
-    return r.returncode, r.stdout, r.stderr
-
-
 def _check(
     host: Any, processes: list, connect_timeout_s: float, sglang_version: str | None = None
 ) -> list[Problem]:
-    if getattr(host, "local", False):
-        return check_host(host, processes, _local_runner, sglang_version)
-    from disaggctl.launch.ssh import SshBackend, SshError, spec_problem
-
-    refused = [Problem(host.name, "spec", msg) for msg in map(spec_problem, processes) if msg]
-    if refused:
-        return refused
-
     try:
-        backend = SshBackend(host, connect_timeout_s=connect_timeout_s)
-        conn = backend.conn
-    except SshError as e:
-        return [Problem(host.name, "reachable", str(e).removeprefix(f"host {host.name}: "))]
-
-    def run(command: str, timeout: float) -> tuple[int, str, str]:
-        try:
-            r = conn.run(command, timeout)
-        except SshError as e:
-            return 255, "", str(e)
-        return r.rc, r.stdout, r.stderr
-
-    return check_host(host, processes, run, sglang_version)
+        cls = backend_class(host.backend)
+    except ValueError as e:
+        return [Problem(host.name, "spec", str(e))]
+    return cls.preflight(host, processes, sglang_version, connect_timeout_s)
 
 
 def preflight(
@@ -344,7 +319,7 @@ def preflight(
     procs = list(plan.processes if processes is None else processes)
     if not hosts:
         return []
-    version = getattr(plan, "sglang_version", None)
+    version = plan.sglang_version
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
         futures = [
             pool.submit(_check, h, [p for p in procs if p.host == h.name], connect_timeout_s, version)

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from disaggctl.launch.backend import Started
+from disaggctl.launch.preflight import Problem, check_host
 from disaggctl.trust import ENV_FILE
 
 if TYPE_CHECKING:
@@ -73,7 +75,7 @@ class SshTarget:
     @classmethod
     def from_host(cls, host: Any, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> SshTarget:
         """From a HostSpec (its `ssh` settings may be absent, a model or a plain dict)."""
-        ssh = getattr(host, "ssh", None)
+        ssh = host.ssh
 
         def setting(field: str, default: Any) -> Any:
             value = ssh.get(field) if isinstance(ssh, dict) else getattr(ssh, field, None)
@@ -509,14 +511,36 @@ print("killed")
 
 
 class SshBackend:
-    """The launch Backend (docs/architecture.md) for one remote host."""
+    """The launch backend (launch/backend.py) for one remote host."""
 
     kind = "ssh"
+
+    @classmethod
+    def preflight(
+        cls, host: Any, processes: list, sglang_version: str | None, connect_timeout_s: float
+    ) -> list[Problem]:
+        """Reachable (a connection is made), then the host's checks through that connection."""
+        refused = [Problem(host.name, "spec", msg) for msg in map(spec_problem, processes) if msg]
+        if refused:
+            return refused
+        try:
+            conn = cls(host, connect_timeout_s=connect_timeout_s).conn
+        except SshError as e:
+            return [Problem(host.name, "reachable", str(e).removeprefix(f"host {host.name}: "))]
+
+        def run(command: str, timeout: float) -> tuple[int, str, str]:
+            try:
+                r = conn.run(command, timeout)
+            except SshError as e:
+                return 255, "", str(e)
+            return r.rc, r.stdout, r.stderr
+
+        return check_host(host, processes, run, sglang_version)
 
     def __init__(self, host: Any, connect_timeout_s: float = CONNECT_TIMEOUT_S):
         self.host = host
         self.target = SshTarget.from_host(host, connect_timeout_s).with_ssh_config()
-        self.python = getattr(host, "python", None) or "python3"
+        self.python = host.python or "python3"
         # (run_dir, digest of the secret) -> its path on the host: copied once per host and command
         self._secrets: dict[tuple[str, str], str] = {}
         self._secrets_lock = threading.Lock()
@@ -530,6 +554,9 @@ class SshBackend:
 
     def _fail(self, message: str, reason: str = "command") -> SshError:
         return SshError(self.target.host, message, reason)
+
+    def run_dir(self, deployment: str) -> str:
+        return self.host.run_dir or f"~/.disaggctl/run/{deployment}"
 
     # -- start --------------------------------------------------------------------------------------
 
@@ -589,11 +616,9 @@ class SshBackend:
             ]
         )
 
-    def start(self, spec: Any, run_dir: str, secret_file: str | None = None) -> ProcRecord:
+    def start(self, spec: Any, run_dir: str, secret_file: str | None = None) -> Started:
         """Start `spec` on the host; with `secret_file` (the local 0600 copy of the deployment secret),
         the host gets its own 0600 copy first and the process its path in DISAGGCTL_SECRET_FILE."""
-        from disaggctl.launch.state import ProcRecord
-
         problem = spec_problem(spec)
         if problem:
             raise self._fail(problem, "start")
@@ -615,18 +640,7 @@ class SshBackend:
         if st is None or st[0] in "ZX":
             tail = self._tail(log_path, 20)
             raise self._fail(f"{spec.name} exited right after start; last log lines:\n{tail}", "start")
-        return ProcRecord(
-            name=spec.name,
-            host=self.target.host,
-            pid=pid,
-            start_time=str(st[3]),
-            boot_id=boot_id,
-            log_path=log_path,
-            started_at=time.time(),
-            spec_hash=getattr(spec, "spec_hash", "") or "",
-            url=spec.url,
-            backend="ssh",
-        )
+        return Started(pid=pid, start_time=str(st[3]), boot_id=boot_id, log_path=log_path)
 
     # -- alive / stop -------------------------------------------------------------------------------
 
@@ -648,6 +662,10 @@ class SshBackend:
         return (
             st is not None and boot == rec.boot_id and st[3] == _ticks(rec.start_time) and st[0] not in "ZX"
         )
+
+    def exit_code(self, rec: ProcRecord) -> int | None:
+        """Unknown: the remote process is not our child."""
+        return None
 
     def stop(self, rec: ProcRecord, grace_s: float) -> str:
         """TERM the process group, wait up to `grace_s`, then KILL. -> "stopped" | "killed" | "gone"."""

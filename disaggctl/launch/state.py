@@ -21,9 +21,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 STATE_FILE = "state.json"
@@ -50,7 +50,6 @@ class ProcRecord(BaseModel):
     started_at: float
     spec_hash: str
     url: str
-    backend: Literal["local", "ssh"]
     role: str = ""
     address: str = ""
     gpus: list[int] = []
@@ -75,9 +74,18 @@ class HostRecord(BaseModel):
     name: str
     address: str
     local: bool = True
+    # the launch backend that reaches it (launch/backend.py); a state written before hosts named theirs
+    # has local (this machine) or ssh
+    backend: str = ""
     python: str | None = None
     run_dir: str | None = None
     ssh: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _backend_of_older_state(self) -> HostRecord:
+        if not self.backend:
+            self.backend = "local" if self.local else "ssh"
+        return self
 
 
 class DeploymentState(BaseModel):

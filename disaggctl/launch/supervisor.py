@@ -3,8 +3,8 @@
 Start order is by level (encoders, prefills, decodes, colocated, proxy); the processes of one level
 start together and the next level starts once all of them answer `GET /health` with 200. The state
 file is rewritten after every start, so whatever happens a later `down` finds what is running.
-A host the plan marks `local` gets `local.LocalBackend`; any other host `ssh.SshBackend` (paramiko is
-imported only then).
+Each host's processes are reached through the launch backend its plan names (launch/backend.py:
+local or ssh); the supervisor makes every process's record from what the backend's start returns.
 
 Every process gets the deployment secret as a 0600 file named by DISAGGCTL_SECRET_FILE (disaggctl.trust).
 `up` makes it when nothing of the deployment runs, and reuses it while something does, so that kept and
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disaggctl.launch import health, keeper, state
-from disaggctl.launch.backends import Backends, described, run_dir
+from disaggctl.launch.backend import Backend, Backends, record
 from disaggctl.launch.local import LocalBackend
 from disaggctl.launch.state import DeploymentState, HostRecord, ProcRecord
 from disaggctl.trust import AuthError, DeploymentKey
@@ -92,16 +92,15 @@ def levels(items: list, role: Callable[[Any], str] = lambda p: p.role) -> list[l
 
 
 def host_record(h: Any) -> HostRecord:
-    ssh = getattr(h, "ssh", None)
-    if ssh is not None and hasattr(ssh, "model_dump"):
-        ssh = ssh.model_dump(mode="json")
+    """A plan's HostSpec, as the state keeps it."""
     return HostRecord(
         name=h.name,
         address=h.address,
-        local=bool(getattr(h, "local", True)),
-        python=getattr(h, "python", None),
-        run_dir=getattr(h, "run_dir", None),
-        ssh=ssh,
+        local=h.local,
+        backend=h.backend,
+        python=h.python,
+        run_dir=h.run_dir,
+        ssh=h.ssh.model_dump(mode="json") if h.ssh is not None else None,
     )
 
 
@@ -164,9 +163,9 @@ def up(
                 result.recreated = [r.name for r in changed]
             st = DeploymentState(
                 name=plan.name,
-                source=str(getattr(plan, "source", "") or ""),
-                engine=str(getattr(plan, "engine", "embedded")),
-                kind=str(getattr(plan, "kind", "")),
+                source=plan.source,
+                engine=plan.engine,
+                kind=plan.kind,
                 created_at=st.created_at if st is not None and keep else time.time(),
                 hosts=list(hosts.values()),
                 processes=keep,
@@ -294,7 +293,7 @@ def _forget_secret(st: DeploymentState, recs: list[ProcRecord], backends: Backen
         by_host.setdefault(rec.host, []).append(rec)
     for host in st.hosts:
         # a host this command never reached holds no copy from it, and may be the unreachable one
-        if host.local or not (host.name in by_host or backends.reached(host.name)):
+        if not (host.name in by_host or backends.reached(host.name)):
             continue
         backend = backends.get(host)
         try:
@@ -335,10 +334,11 @@ def _start_level(
         host = hosts[spec.host]
         report(spec.name, "starting")
         try:
-            rec = backends.get(host).start(spec, run_dir(st.name, host), secret_file=secret_file)
+            backend = backends.get(host)
+            instance = backend.start(spec, backend.run_dir(st.name), secret_file=secret_file)
         except Exception as e:
             raise LaunchError(f"{spec.name}: {_describe(e)}", process=spec.name) from e
-        rec = described(rec, spec, hashes[spec.name])
+        rec = record(spec, instance, hashes[spec.name])
         with lock:
             st.processes.append(rec)
             started.append(rec)
@@ -373,7 +373,7 @@ def _wait_healthy(
             except Exception as e:
                 raise LaunchError(f"{name}: cannot check the process: {_describe(e)}", process=name) from e
             if not alive:
-                code = getattr(backend, "exit_code", lambda r: None)(rec)
+                code = backend.exit_code(rec)
                 how = f" with status {code}" if code is not None else ""
                 report(name, "exited")
                 raise LaunchError(
@@ -393,7 +393,7 @@ def _wait_healthy(
             time.sleep(POLL_S)
 
 
-def _tail(backend: Any, rec: ProcRecord) -> list[str]:
+def _tail(backend: Backend, rec: ProcRecord) -> list[str]:
     try:
         return backend.read_log(rec, LOG_TAIL)
     except Exception as e:

@@ -35,7 +35,6 @@ import json
 import logging
 import random
 import secrets
-import signal
 import sys
 import time
 from collections import Counter
@@ -408,8 +407,7 @@ async def metrics(request: web.Request) -> web.Response:
     lines: list[str] = []
 
     def family(name: str, kind: str, help_: str) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
+        httpkit.family(lines, name, kind, help_)
 
     family("disaggctl_proxy_requests_total", "counter", "Requests answered, by route and HTTP status.")
     for (path, status), n in sorted(px.requests.items()):
@@ -474,7 +472,7 @@ async def metrics(request: web.Request) -> web.Response:
         family(f"disaggctl_proxy_worker_{name}", kind, help_)
         for w in px.workers:
             lines.append(f'disaggctl_proxy_worker_{name}{{url="{w.url}",role="{w.role}"}} {value(w)}')
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+    return httpkit.prometheus(lines)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -1046,9 +1044,7 @@ async def serve(args: argparse.Namespace, key: DeploymentKey | None = None) -> i
         return 1
     px = app[PROXY]
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    httpkit.stop_on_signals(stop)
     log.info(
         "proxy on http://%s:%d (%s, policy %s): %s",
         args.host,

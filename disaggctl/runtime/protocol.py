@@ -92,6 +92,9 @@ class Sampling:
     skip_special_tokens: bool = True
 
 
+# One request has a name per layer it crosses, each layer's own so that none imports the one above it:
+# a Job here (the HTTP API's parse), a Request in engine.py (what the engine accepts, with its event
+# callback), a Sequence in scheduler.py (what continuous batching schedules: tokens, pages, status).
 @dataclass
 class Job:
     """One parsed request: what the role needs to run it, whatever API it came through."""

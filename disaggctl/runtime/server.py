@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sys
 import time
 import uuid
@@ -279,13 +278,8 @@ async def metrics(request: web.Request) -> web.Response:
     lines = []
 
     def metric(name: str, kind: str, help_: str, value) -> None:
-        lines.extend(
-            [
-                f"# HELP disaggctl_{name} {help_}",
-                f"# TYPE disaggctl_{name} {kind}",
-                f'disaggctl_{name}{{role="{st.role_name}"}} {value}',
-            ]
-        )
+        httpkit.family(lines, f"disaggctl_{name}", kind, help_)
+        lines.append(f'disaggctl_{name}{{role="{st.role_name}"}} {value}')
 
     metric("num_requests_running", "gauge", "Requests in the running batch.", stats.get("running", 0))
     metric("num_requests_waiting", "gauge", "Requests waiting to be scheduled.", stats.get("waiting", 0))
@@ -306,7 +300,7 @@ async def metrics(request: web.Request) -> web.Response:
     metric("request_failure_total", "counter", "Requests that failed (rejected, engine error).", c.failure)
     metric("request_aborted_total", "counter", "Requests aborted (client gone, server stopping).", c.aborted)
     metric("in_flight_requests", "gauge", "Requests the HTTP server is serving.", len(st.in_flight))
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+    return httpkit.prometheus(lines)
 
 
 def role_stats(st: ServerState) -> dict:
@@ -752,16 +746,7 @@ async def serve(
     role_name: str, args: argparse.Namespace, model_dir: str, stop: asyncio.Event | None = None
 ) -> int:
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (
-            NotImplementedError,
-            RuntimeError,
-            ValueError,
-        ):  # not the main thread (tests) or no signals here
-            pass
+    httpkit.stop_on_signals(stop)
     try:
         key = DeploymentKey.from_env()
     except AuthError as e:

@@ -43,6 +43,9 @@ class Host(Strict):
     ssh: SshSettings | None = None
     python: str | None = None
     run_dir: str | None = None
+    # the launch backend that reaches the host (launch/backend.py's REGISTRY); default: local for
+    # this machine's addresses, ssh for any other
+    backend: str | None = Field(None, pattern=NAME_PATTERN)
 
     @field_validator("nics")
     @classmethod

@@ -23,8 +23,8 @@ from disaggctl.topology.nics import gpu_nics
 from disaggctl.topology.sglang_args import PINNED_SGLANG, check_command, version_key
 
 if TYPE_CHECKING:
-    from disaggctl.topology.plan import Plan, ProcessSpec
     from disaggctl.topology.schema import Role, Topology
+    from disaggctl.topology.spec import Plan, ProcessSpec
 
 # What SGLang's transfers wait for when the topology does not say: its own defaults (300 s) also
 # cover time a request spends queued on the other side, which a 30 s hand-off bound would cut short.

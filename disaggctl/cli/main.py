@@ -11,8 +11,8 @@ import sys
 import typer
 
 from disaggctl import __version__
-from disaggctl.bench.command import bench
-from disaggctl.launch.commands import down, logs, plan, status, up
+from disaggctl.cli.bench import bench
+from disaggctl.cli.launch import down, logs, plan, status, up
 
 app = typer.Typer(
     no_args_is_help=True,

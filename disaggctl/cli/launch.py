@@ -1,4 +1,4 @@
-"""The commands plan / up / status / logs / down: parse, call the supervisor, render.
+"""The commands plan / up / status / logs / down: parse, call the launcher (disaggctl/launch/), render.
 
 Exit codes: 0 ok, 1 runtime failure (or no deployment), 2 usage or topology error, 3 `status` found a
 process not running or not healthy, 130 interrupted. Data goes to stdout, progress and errors to stderr.
@@ -49,8 +49,9 @@ def _load_plan(path: Path, engine: str | None = None, launch: bool = False) -> A
     """Topology file -> Plan; topology errors are printed as `file:line: field: message`, exit 2."""
     if not path.is_file():
         raise _fail(f"{path}: no such topology file", EXIT_USAGE)
+    from disaggctl.topology.checks import check_launchable
     from disaggctl.topology.load import TopologyError, load_topology
-    from disaggctl.topology.plan import build_plan, check_launchable
+    from disaggctl.topology.plan import build_plan
 
     try:
         topo = load_topology(path)
@@ -495,6 +496,7 @@ def logs(
     ] = None,
 ) -> None:
     from disaggctl.launch import logview, supervisor
+    from disaggctl.launch.local import LocalBackend
 
     if lines is not None and lines < 0:
         raise _fail("--tail must be 0 or more", EXIT_USAGE)
@@ -507,7 +509,8 @@ def logs(
         raise _fail(str(e), EXIT_USAGE) from None
     prefix = logview.Prefixer([r.name for r in chosen], logview.want_colour(no_color, sys.stdout))
     backends = supervisor.Backends()
-    sources = [(r, backends.local if r in keeper else backends.get(st.host(r.host))) for r in chosen]
+    # the keeper runs where `up` ran: on this machine
+    sources = [(r, LocalBackend() if r in keeper else backends.get(st.host(r.host))) for r in chosen]
     out = sys.stdout
     try:
         if not follow:

@@ -47,6 +47,8 @@ class PageAllocator:
             and not self.state[after + 1 : after + 1 + n].any()
         ):
             pages = np.arange(after + 1, after + 1 + n)
+        elif n == 1:  # a decode step's next page: the lowest free one, without looking for runs
+            pages = np.array([int(np.argmax(self.state == FREE))])
         else:
             pages = self._first_run(n)
             if pages is None:  # fragmented: the lowest free pages, which are still mostly runs

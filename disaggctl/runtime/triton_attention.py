@@ -5,10 +5,12 @@ sequence into a fresh tensor per layer per step; at long contexts that copy is m
 program reads the keys of one KV head straight from the pages named by the block table, with all the
 query heads that share that KV head (GQA) as the rows of one small matmul.
 
-Split-KV ("flash-decoding"): a sequence's context is cut into up to `MAX_SPLITS` chunks handled by
+Split-KV ("flash-decoding"): a sequence's context is cut into up to `splits` chunks handled by
 separate programs, whose partial softmax states a second kernel combines, so that a batch of one long
-sequence still fills the GPU. Where the chunks start depends only on the sequence's length, never on the
-batch, so a sequence's attention is the same bits whatever it is batched with, eagerly or in a CUDA graph.
+sequence still fills the GPU. `splits` follows the batch size only (about `TARGET_PROGRAMS` programs in
+all), never the lengths, which live on the device: a CUDA graph captured for a batch size stays valid for
+any context. Where a split starts depends on the sequence's length and `splits`, so one batch size gives
+the same bits eagerly and in a graph.
 
 Everything the kernels read is a tensor (block table, lengths), nothing is a Python value that changes
 per step: that is what lets a captured graph replay them with new contents.
@@ -21,8 +23,17 @@ import triton
 import triton.language as tl
 
 MAX_SPLITS = 32  # programs per (sequence, KV head); short contexts use fewer, the rest exit at once
-MIN_SPLIT_TOKENS = 128  # below this a split costs more in its launch and combine than it saves
-BLOCK_N = 32  # keys per inner iteration
+TARGET_PROGRAMS = 2048  # enough to fill a GPU's SMs a few times over; more only adds empty programs
+# block shapes measured on an H200 (benchmarks/paged_attention.py, docs/benchmarks.md)
+MIN_SPLIT_TOKENS = 256  # below this a split costs more in its launch and combine than it saves
+BLOCK_N = 64  # keys per inner iteration
+NUM_WARPS = 4
+
+
+def num_splits(batch: int, kv_heads: int) -> int:
+    """Programs per (sequence, KV head): a power of two, from the batch shape alone."""
+    want = max(1, TARGET_PROGRAMS // max(1, batch * kv_heads))
+    return min(MAX_SPLITS, 1 << (want.bit_length() - 1))
 
 
 @triton.jit
@@ -130,7 +141,7 @@ def decode_attention(
     out: torch.Tensor | None = None,
     block_n: int = BLOCK_N,
     min_split: int = MIN_SPLIT_TOKENS,
-    num_warps: int = 4,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """One new token per sequence. q: [B, heads, head_dim]; caches: one layer's
     [num_pages, page_size, kv_heads, head_dim] (any strides between pages and heads, unit stride within
@@ -144,9 +155,10 @@ def decode_attention(
         raise ValueError("decode_attention needs a page's slots back to back")
     group = heads // kv_heads
     block_d = triton.next_power_of_2(dim)
-    acc = torch.empty((batch * heads * MAX_SPLITS, dim), dtype=torch.float32, device=q.device)
-    ml = torch.empty((batch * heads * MAX_SPLITS, 2), dtype=torch.float32, device=q.device)
-    _partial_kernel[(batch, kv_heads, MAX_SPLITS)](
+    splits = num_splits(batch, kv_heads)
+    acc = torch.empty((batch * heads * splits, dim), dtype=torch.float32, device=q.device)
+    ml = torch.empty((batch * heads * splits, 2), dtype=torch.float32, device=q.device)
+    _partial_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_table, seq_lens, acc, ml,
         scale,
         q.stride(0), q.stride(1),
@@ -154,12 +166,12 @@ def decode_attention(
         v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
-        PAGE=page, BLOCK=block_n, SPLITS=MAX_SPLITS, MIN_SPLIT=min_split,
+        PAGE=page, BLOCK=block_n, SPLITS=splits, MIN_SPLIT=min_split,
         IEEE=q.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
     if out is None:
         out = torch.empty_like(q)
     _combine_kernel[(batch, heads)](
-        acc, ml, out, out.stride(0), out.stride(1), HEAD_DIM=dim, BLOCK_D=block_d, SPLITS=MAX_SPLITS
+        acc, ml, out, out.stride(0), out.stride(1), HEAD_DIM=dim, BLOCK_D=block_d, SPLITS=splits
     )
     return out

@@ -18,7 +18,17 @@ from dataclasses import dataclass
 import torch
 
 # Parameter name suffix -> the dimension split over ranks (0: output rows, 1: input columns).
-_COLUMN = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
+# MLA (DeepSeek): q_b_proj and kv_b_proj are per head, so column-split; q_a and kv_a_proj_with_mqa make the
+# latent every head reads, so replicated.
+_COLUMN = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "q_b_proj.weight",
+    "kv_b_proj.weight",
+)
 _COLUMN_BIAS = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias", "up_proj.bias")
 _ROW = ("o_proj.weight", "down_proj.weight")
 

@@ -139,3 +139,59 @@ def test_two_ranks_greedy_matches_transformers(deepseek, ep):
             assert got[str(i)]["logprobs"] == pytest.approx(logprobs, abs=1e-4)
     finally:
         e.stop()
+
+
+# ---- MLA through PD: the latent pages move through the same merged Mooncake writes ----
+
+
+@pytest.fixture(scope="module")
+def deepseek_dir(tmp_path_factory):
+    """The first variant with builtin:tiny's tokenizer (vocab 1024), for a deployment through `up`."""
+    from hf_reference import save_random_model, tiny_tokenizer_dir
+
+    tiny = tiny_tokenizer_dir(tmp_path_factory.mktemp("cache"))
+    cfg = deepseek_config(vocab_size=1024, num_hidden_layers=2, max_position_embeddings=1024, eos_token_id=2)
+    cfg.rope_parameters["original_max_position_embeddings"] = 256
+
+    def random_correction_bias(model):
+        for layer in model.model.layers[cfg.first_k_dense_replace :]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts) * 0.2)
+
+    return save_random_model(cfg, tmp_path_factory.mktemp("ds-pd"), tiny, prepare=random_correction_bias)
+
+
+@pytest.mark.slow
+def test_pd_with_expert_parallelism_on_both_sides_equals_transformers(deepseek_dir, tmp_path):
+    """Prefill and decode each tp 2 / ep 2: every decode rank gets the whole latent from one prefill rank."""
+    import json
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hf_reference import hf_greedy as hf_greedy_dir
+    from test_pd_e2e import Deployment, free_block, greedy, post, prompt
+
+    home = tmp_path / "home"
+    home.mkdir()
+    d = Deployment([sys.executable, "-m", "disaggctl"], home, tmp_path, deepseek_dir, 1, 1)
+    d.file.write_text(
+        f"""\
+name: ds-pd
+model: {{path: {json.dumps(deepseek_dir)}}}
+hosts:
+  - {{name: local, address: 127.0.0.1, gpus: 0, python: {json.dumps(sys.executable)}}}
+transfer: {{protocol: tcp, timeout_s: 10}}
+prefill: {{tp: 2, ep: 2, port: {free_block(1)}, bootstrap_port: {free_block(1)}, page_size: 4, chunk_size: 8}}
+decode: {{tp: 2, ep: 2, port: {free_block(1)}, page_size: 4}}
+proxy: {{host: local, port: {d.proxy.rsplit(":", 1)[1]}}}
+"""
+    )
+    try:
+        d.up()
+        cases = [(prompt(n, seed), m) for seed, (n, m) in enumerate([(1, 6), (9, 8), (23, 10)])]
+        with ThreadPoolExecutor(len(cases)) as pool:
+            got = list(pool.map(lambda c: post(d.proxy + "/generate", greedy(*c)), cases))
+        for (ids, n), (status, body) in zip(cases, got, strict=True):
+            assert status == 200, body
+            assert body["output_ids"] == hf_greedy_dir(deepseek_dir, ids, n), f"{len(ids)}-token prompt"
+    finally:
+        d.down()

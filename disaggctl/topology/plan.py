@@ -202,8 +202,11 @@ def moe_shape(topology: Topology) -> tuple[int, int] | None:
     if raw is None:
         return None
     try:
-        # transformers 5 writes num_local_experts where Hub checkpoints say num_experts
-        experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+        # transformers 5 writes num_local_experts where Hub checkpoints say num_experts (DeepSeek:
+        # n_routed_experts)
+        experts = int(
+            raw.get("num_local_experts") or raw.get("num_experts") or raw.get("n_routed_experts") or 0
+        )
         inter = int(raw.get("moe_intermediate_size") or 0)
     except (TypeError, ValueError):
         return None

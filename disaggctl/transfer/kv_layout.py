@@ -254,22 +254,43 @@ def pools_incompatibility(src: Sequence[RankPool], dst: Sequence[RankPool]) -> s
     for side, pools in (("source", src), ("destination", dst)):
         if not pools:
             return f"the {side} has no KV pool"
-        covered = sorted((p.head_start, p.num_heads) for p in pools)
+        # ranks with the same heads are replicas (MLA's latent is whole on every rank)
+        covered = sorted({(p.head_start, p.num_heads) for p in pools})
         start = 0
         for head_start, n in covered:
             if head_start != start:
                 return f"the {side} ranks' KV heads do not cover 0..N-1 without gaps"
             start += n
-    heads = {side: sum(p.num_heads for p in pools) for side, pools in (("src", src), ("dst", dst))}
+    heads = {
+        side: sum(n for _, n in {(p.head_start, p.num_heads) for p in pools})
+        for side, pools in (("src", src), ("dst", dst))
+    }
     if heads["src"] != heads["dst"]:
         return f"KV heads differ: {heads['src']} vs {heads['dst']}"
     a, b = src[0], dst[0]
-    for name in ("num_layers", "page_size"):
+    for name in ("num_layers", "parts", "page_size"):
         if getattr(a.layout, name) != getattr(b.layout, name):
             return f"{name} differs: {getattr(a.layout, name)} vs {getattr(b.layout, name)}"
     if a.head_bytes != b.head_bytes:
         return f"bytes per head differ (dtype or head_dim): {a.head_bytes} vs {b.head_bytes}"
     return None
+
+
+def write_pairs(src: Sequence[RankPool], dst: Sequence[RankPool]) -> list[tuple[int, RankPool, RankPool]]:
+    """(source rank, source pool, destination pool) of every write that moves one request's KV: each
+    destination rank gets every head it holds exactly once. Source ranks holding the same heads are replicas
+    (a latent pool under tensor parallelism); the destinations are spread over them rather than each
+    replica writing the same bytes again."""
+    replicas: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(src):
+        replicas.setdefault((p.head_start, p.num_heads), []).append(i)
+    pairs = []
+    for j, d in enumerate(dst):
+        for (start, n), ranks in replicas.items():
+            if start < d.head_start + d.num_heads and d.head_start < start + n:
+                i = ranks[j % len(ranks)]
+                pairs.append((i, src[i], d))
+    return pairs
 
 
 def rank_write_batches(

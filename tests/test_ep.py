@@ -124,3 +124,33 @@ def test_a_dead_rank_fails_an_ep_server_mid_request(tmp_path):
         assert not e.alive() and "rank 1" in e.failure()
     finally:
         e.stop()
+
+
+def test_up_refuses_mooncake_a2a_where_the_wheel_has_no_ep(tmp_path, disaggctl_home, cli):
+    """The CPU wheel of mooncake-transfer-engine has neither mooncake.ep nor mooncake.pg: `up` stops at
+    pre-flight, before any process starts, and says why."""
+    import subprocess
+
+    pytest.importorskip("mooncake.engine")
+    try:
+        import mooncake.ep  # noqa: F401
+        import mooncake.pg  # noqa: F401
+
+        pytest.skip("this Mooncake wheel has the EP backend")
+    except ImportError:
+        pass
+    model = tmp_path / "model"
+    deepseek_config().save_pretrained(model)
+    (model / "model.safetensors").write_bytes(b"")  # pre-flight checks paths, not weights
+    topo = tmp_path / "ep.yaml"
+    topo.write_text(
+        f"name: a2a\nmodel: {{path: {model}}}\n"
+        "hosts: [{name: local, address: 127.0.0.1, gpus: 0}]\n"
+        "prefill: {tp: 2, ep: 2, moe_a2a_backend: mooncake}\ndecode: {tp: 2, ep: 2, moe_a2a_backend: mooncake}\n"
+    )
+    res = subprocess.run([*cli, "up", str(topo)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "cannot import mooncake.ep" in out and "CPU wheel does not" in out, out
+    status = subprocess.run([*cli, "status", "--json"], capture_output=True, text=True, timeout=60)
+    assert '"pid"' not in status.stdout  # nothing was started

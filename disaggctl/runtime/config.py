@@ -279,6 +279,7 @@ class EngineConfig:
     seed: int = 0  # for requests that sample without a seed of their own
     tp_size: int = 1  # tensor-parallel ranks of this server (one process each)
     ep_size: int = 1  # 1: experts split like the dense MLP; tp_size: whole experts spread over the ranks
+    moe_a2a_backend: str = "none"  # mooncake: the ranks' collectives over Mooncake's process group
     dist_timeout_s: float = 120.0  # bound on every collective: a dead rank fails its peers, never hangs them
 
     def validate(self) -> None:
@@ -298,6 +299,12 @@ class EngineConfig:
             raise ConfigError(
                 f"ep_size must be 1 or the tp_size ({self.tp_size}): experts are spread over the server's ranks, "
                 f"got {self.ep_size}"
+            )
+        if self.moe_a2a_backend not in ("none", "mooncake"):
+            raise ConfigError(f"moe_a2a_backend must be none or mooncake, got {self.moe_a2a_backend!r}")
+        if self.moe_a2a_backend == "mooncake" and self.ep_size == 1:
+            raise ConfigError(
+                "moe_a2a_backend mooncake exchanges tokens between expert-parallel ranks; set ep_size"
             )
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")

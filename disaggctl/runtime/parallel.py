@@ -101,8 +101,11 @@ def check_divisible(cfg, size: int, ep: bool = False) -> str | None:
     return None
 
 
-def init_process_group(tp: TensorParallel, address: str, port: int, device: str, timeout_s: float) -> None:
-    """Join the server's ranks (gloo on CPU, NCCL on CUDA). Every collective is bounded by `timeout_s`, so a
+def init_process_group(
+    tp: TensorParallel, address: str, port: int, device: str, timeout_s: float, a2a: str = "none"
+) -> None:
+    """Join the server's ranks (gloo on CPU, NCCL on CUDA; `a2a` mooncake: Mooncake's process group, which
+    its CUDA wheel registers with torch as "mooncake" and "mooncake-cpu"). Every collective is bounded by `timeout_s`, so a
     rank that dies fails its peers' next collective instead of hanging them. CPU ranks share the host's
     cores: each takes its share of intra-op threads rather than all of them (N ranks x all cores would
     oversubscribe and spin in each other's way)."""
@@ -113,6 +116,16 @@ def init_process_group(tp: TensorParallel, address: str, port: int, device: str,
     if torch.distributed.is_initialized():
         raise RuntimeError("this process already has a tensor-parallel group (one engine per process)")
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if a2a == "mooncake":
+        try:
+            import mooncake.ep  # noqa: F401  (the EP buffer; pre-flight checked both are there)
+            import mooncake.pg  # noqa: F401  (registers the backends on import)
+        except ImportError as e:
+            raise RuntimeError(
+                f"moe_a2a_backend mooncake needs mooncake.ep and mooncake.pg (the CUDA build of "
+                f"mooncake-transfer-engine): {e}"
+            ) from e
+        backend = "mooncake" if device.startswith("cuda") else "mooncake-cpu"
     torch.distributed.init_process_group(
         backend,
         init_method=f"tcp://{address}:{port}",

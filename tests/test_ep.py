@@ -154,3 +154,49 @@ def test_up_refuses_mooncake_a2a_where_the_wheel_has_no_ep(tmp_path, disaggctl_h
     assert "cannot import mooncake.ep" in out and "CPU wheel does not" in out, out
     status = subprocess.run([*cli, "status", "--json"], capture_output=True, text=True, timeout=60)
     assert '"pid"' not in status.stdout  # nothing was started
+
+
+@pytest.mark.slow
+def test_local_ep_example_comes_up_and_answers(tmp_path, monkeypatch, cli):
+    """topologies/local-ep.yaml as shipped (ports moved to free ones): `up`, the README's request, and
+    greedy tokens equal to transformers on builtin:tiny-moe (a checkpoint transformers loads as it is)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from hf_reference import hf_greedy
+    from test_pd_e2e import free_block, greedy, post, prompt
+
+    from disaggctl.runtime.builtin import resolve_model
+
+    monkeypatch.setenv("DISAGGCTL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DISAGGCTL_CACHE", str(tmp_path / "cache"))
+    raw = yaml.safe_load((Path(__file__).parent.parent / "topologies" / "local-ep.yaml").read_text())
+    raw["hosts"][0]["python"] = sys.executable
+    raw["prefill"].update(port=free_block(1), bootstrap_port=free_block(1))
+    raw["decode"]["port"] = free_block(1)
+    raw["proxy"]["port"] = proxy_port = free_block(1)
+    topo = tmp_path / "local-ep.yaml"
+    topo.write_text(yaml.safe_dump(raw))
+    proxy = f"http://127.0.0.1:{proxy_port}"
+    try:
+        res = subprocess.run(
+            [*cli, "up", str(topo), "--timeout", "180"], capture_output=True, text=True, timeout=240
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        status, body = post(
+            proxy + "/generate",
+            {
+                "text": "Let me tell you a long story ",
+                "sampling_params": {"temperature": 0, "max_new_tokens": 8},
+            },
+        )
+        assert status == 200 and body["text"], body
+        ids = prompt(11, 0)
+        status, body = post(proxy + "/generate", greedy(ids, 8))
+        assert status == 200, body
+        assert body["output_ids"] == hf_greedy(resolve_model("builtin:tiny-moe"), ids, 8)
+    finally:
+        res = subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr

@@ -195,3 +195,22 @@ proxy: {{host: local, port: {d.proxy.rsplit(":", 1)[1]}}}
             assert body["output_ids"] == hf_greedy_dir(deepseek_dir, ids, n), f"{len(ids)}-token prompt"
     finally:
         d.down()
+
+
+def test_decode_slots_from_a_paged_kernel_meta_equal_the_gathered_ones():
+    """On CUDA with Triton the step's meta carries decode rows' page tables instead of slots; MLA derives
+    the same slots and mask from them."""
+    from disaggctl.runtime.attention import SeqSlice, build_meta
+    from disaggctl.runtime.models.deepseek import decode_slots
+
+    seqs = [
+        SeqSlice(1, 9, [4, 2, 7]),
+        SeqSlice(5, 5, [1, 3]),
+        SeqSlice(1, 2, [0]),
+        SeqSlice(1, 12, [5, 6, 8]),
+    ]
+    plain = build_meta(seqs, PAGE, 1.0, "cpu")
+    paged = build_meta(seqs, PAGE, 1.0, "cpu", paged_decode=True)
+    assert paged.decode_slots is None and paged.decode_table is not None
+    (want_slots, want_mask), (slots, mask) = decode_slots(plain), decode_slots(paged)
+    assert torch.equal(mask, want_mask) and torch.equal(slots, want_slots)

@@ -140,6 +140,9 @@ class KVCache:
     `layout()` tells a peer), and token slot `s` of a layer is `page * page_size + offset`. With tensor
     parallelism a rank holds heads `head_start .. head_start + kv_heads - 1` of every page; page ids are the
     same on every rank. A latent pool (`parts` 1) is read with `latent`, a K/V pool with `k` and `v`.
+
+    `scratch`: one page more than the allocator hands out, page id `num_pages`, owned by no sequence: the
+    padding rows of a CUDA-graph step write their keys there (`cuda_graph.py`).
     """
 
     def __init__(
@@ -152,18 +155,21 @@ class KVCache:
         dtype,
         device,
         head_start: int = 0,
+        scratch: bool = False,
         parts: int = 2,
     ):
         import torch
 
         if parts not in (1, 2):
             raise ValueError(f"a KV pool holds K and V (2 parts) or a latent (1), got {parts}")
+        total = num_pages + (1 if scratch else 0)
         self.tensor = torch.zeros(
-            (num_layers, parts, num_pages, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
+            (num_layers, parts, total, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
         self.page_size = page_size
         self.head_start = head_start
         self.allocator = PageAllocator(num_pages)
+        self.scratch_page = num_pages if scratch else None
 
     @property
     def num_pages(self) -> int:
@@ -179,7 +185,9 @@ class KVCache:
         return self.tensor.shape[5] * self.tensor.element_size()
 
     @classmethod
-    def of_shape(cls, shape: PoolShape, num_layers, num_pages, page_size, dtype, device) -> KVCache:
+    def of_shape(
+        cls, shape: PoolShape, num_layers, num_pages, page_size, dtype, device, scratch: bool = False
+    ) -> KVCache:
         return cls(
             num_layers,
             num_pages,
@@ -188,8 +196,9 @@ class KVCache:
             shape.head_dim,
             dtype,
             device,
-            shape.head_start,
-            shape.parts,
+            head_start=shape.head_start,
+            scratch=scratch,
+            parts=shape.parts,
         )
 
     @property

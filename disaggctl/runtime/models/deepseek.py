@@ -57,6 +57,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def decode_slots(meta: AttentionMeta) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(slots [Bd, L], mask [Bd, L]) of the step's decode rows, or None without any. A meta built for the
+    paged decode kernel (CUDA with Triton) carries their page table and lengths instead; the slots are
+    derived from those once per step."""
+    if meta.decode_slots is not None:
+        return meta.decode_slots, meta.decode_mask
+    if getattr(meta, "decode_table", None) is None:
+        return None
+    if "latent_decode" not in meta.cache:
+        table, lens = meta.decode_table.long(), meta.decode_lens.long()
+        pos = torch.arange(int(lens.max()), device=table.device)
+        slots = table[:, pos // meta.page_size] * meta.page_size + pos % meta.page_size
+        valid = pos[None, :] < lens[:, None]
+        # masked slots point at the sequence's own first key, never at unwritten bytes (0 * NaN is NaN)
+        meta.cache["latent_decode"] = (torch.where(valid, slots, slots[:, :1]), valid)
+    return meta.cache["latent_decode"]
+
+
 class LatentAttention(nn.Module):
     """MLA over this rank's heads, reading and writing the per-token latent of one layer's cache."""
 
@@ -98,11 +116,12 @@ class LatentAttention(nn.Module):
         w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, r)
         q_lat = torch.einsum("thd,hdr->thr", q_nope, w[:, : self.nope])
         out = torch.empty(n, h, r, dtype=x.dtype, device=x.device)
-        if meta.decode_slots is not None:
+        decode = decode_slots(meta)
+        if decode is not None:
             rows = meta.decode_rows
             qd = (q_lat, q_pe) if rows is None else (q_lat[rows], q_pe[rows])
-            lat = latent_cache[meta.decode_slots]  # [Bd, L, r + rope]
-            o = self._attend(qd[0][:, None], qd[1][:, None], lat, meta.decode_mask[:, None, :])[:, 0]
+            lat = latent_cache[decode[0]]  # [Bd, L, r + rope]
+            o = self._attend(qd[0][:, None], qd[1][:, None], lat, decode[1][:, None, :])[:, 0]
             if rows is None:
                 out = o
             else:
@@ -199,6 +218,7 @@ class Backbone(nn.Module):
 
 class DeepseekV3ForCausalLM(nn.Module):
     fp32_params = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+    cuda_graphs = False  # the experts a step hits are read back to the host (data-dependent shapes)
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()

@@ -10,11 +10,11 @@ import torch
 
 
 def save_random_model(
-    config, out_dir, tokenizer_dir: str, seed: int = 0, perturb_biases: bool = False
+    config, out_dir, tokenizer_dir: str, seed: int = 0, perturb_biases: bool = False, prepare=None
 ) -> str:
     """Save a random model of `config` (init std from its initializer_range) with the tokenizer files of
     `tokenizer_dir`. Norm weights (and biases) are perturbed: their default init (ones, zeros) would hide
-    mistakes in how they are applied."""
+    mistakes in how they are applied. `prepare(model)`, when given, changes the model before it is saved."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -24,6 +24,8 @@ def save_random_model(
         for name, p in model.named_parameters():
             if "norm" in name or (perturb_biases and name.endswith("bias")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
+        if prepare is not None:
+            prepare(model)
     model.save_pretrained(out_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))

@@ -27,7 +27,7 @@ def test_the_examples_are_there():
     names = {f.name for f in FILES}
     assert {
         "local-1p1d.yaml", "local-2p2d.yaml", "local-colocated.yaml", "two-host-2p1d.yaml", "epd.yaml", "ep.yaml",
-        "local-1p1d-tp2.yaml",
+        "local-1p1d-tp2.yaml", "local-ep.yaml",
     } <= names  # fmt: skip
 
 
@@ -207,7 +207,7 @@ def test_example_plan_follows_the_rules(path):
 
 def test_local_examples_run_here():
     # the local examples are the ones `disaggctl up` can start on this machine: CPU, loopback, builtin model
-    for name in ("local-1p1d", "local-2p2d", "local-colocated", "local-1p1d-tp2"):
+    for name in ("local-1p1d", "local-2p2d", "local-colocated", "local-1p1d-tp2", "local-ep"):
         plan = build_plan(load_topology(TOPOLOGIES / f"{name}.yaml"), name)
         assert plan.engine == "embedded"
         assert all(h.local and h.gpus == 0 for h in plan.hosts)
@@ -219,3 +219,9 @@ def test_local_examples_run_here():
     tp2 = build_plan(load_topology(TOPOLOGIES / "local-1p1d-tp2.yaml"), "x")
     assert [(p.name, p.tp) for p in tp2.processes] == [("prefill-0", 2), ("decode-0", 2), ("proxy", 1)]
     check_launchable(load_topology(TOPOLOGIES / "local-1p1d-tp2.yaml"), "x")
+    ep = build_plan(load_topology(TOPOLOGIES / "local-ep.yaml"), "x")
+    assert ep.kind == "ep" and [(p.name, p.tp, p.ep) for p in ep.processes][:2] == [
+        ("prefill-0", 2, 2),
+        ("decode-0", 2, 2),
+    ]
+    check_launchable(load_topology(TOPOLOGIES / "local-ep.yaml"), "x")

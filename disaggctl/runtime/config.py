@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -58,6 +59,24 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     sparse_layers: list[int] = field(default_factory=list)  # layers whose MLP is the experts'
+    # DeepSeek-V3: sigmoid routing within the best `topk_group` of `n_group` expert groups, a correction
+    # bias that only chooses, `routed_scaling_factor` on the chosen weights, always-on shared experts
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    n_shared_experts: int = 0
+    # multi-head latent attention (kv_lora_rank 0: not MLA): the KV cache holds one compressed latent of
+    # kv_lora_rank + qk_rope_head_dim per token; head_dim is then the rotary part, as in transformers
+    kv_lora_rank: int = 0
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> ModelConfig:
@@ -84,6 +103,8 @@ class ModelConfig:
         hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
         # Qwen3 configs default head_dim to 128 whatever hidden/heads is; the others derive it.
         head_dim = raw.get("head_dim") or (128 if family in ("qwen3", "qwen3_moe") else hidden // heads)
+        if family == "deepseek_v3":  # RoPE spans only the rotary part of each head
+            head_dim = get("qk_rope_head_dim", int)
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only silu)")
@@ -127,6 +148,8 @@ class ModelConfig:
         )
         if family == "qwen3_moe":
             _moe(cfg, raw, get)
+        if family == "deepseek_v3":
+            _deepseek(cfg, raw, get, where)
         if cfg.num_heads % cfg.num_kv_heads:
             raise ConfigError(
                 f"{where}: num_attention_heads {cfg.num_heads} is not a multiple of "
@@ -147,6 +170,35 @@ def _moe(cfg: ModelConfig, raw: dict, get) -> None:
     cfg.sparse_layers = [
         i for i in range(cfg.num_layers) if i not in dense and step > 0 and (i + 1) % step == 0
     ]
+
+
+def _deepseek(cfg: ModelConfig, raw: dict, get, where: str) -> None:
+    """DeepSeek-V3: MLA's ranks and head widths, the router's groups, and which layers are routed (all but the
+    first `first_k_dense_replace`)."""
+    cfg.kv_lora_rank = get("kv_lora_rank", int)
+    cfg.q_lora_rank = int(raw["q_lora_rank"]) if raw.get("q_lora_rank") else None
+    cfg.qk_nope_head_dim = get("qk_nope_head_dim", int)
+    cfg.qk_rope_head_dim = get("qk_rope_head_dim", int)
+    cfg.v_head_dim = get("v_head_dim", int)
+    cfg.rope_interleave = bool(raw.get("rope_interleave", True))
+    cfg.num_experts = int(raw.get("n_routed_experts") or raw.get("num_local_experts") or 0)
+    if cfg.num_experts:
+        cfg.num_experts_per_tok = get("num_experts_per_tok", int)
+        cfg.moe_intermediate_size = get("moe_intermediate_size", int)
+        cfg.norm_topk_prob = bool(raw.get("norm_topk_prob", True))
+        cfg.n_group = int(raw.get("n_group") or 1)
+        cfg.topk_group = int(raw.get("topk_group") or 1)
+        cfg.routed_scaling_factor = float(raw.get("routed_scaling_factor", 1.0))
+        cfg.n_shared_experts = int(raw.get("n_shared_experts") or 0)
+        first_dense = int(raw.get("first_k_dense_replace") or 0)
+        cfg.sparse_layers = list(range(first_dense, cfg.num_layers))
+        if cfg.num_experts % cfg.n_group or cfg.topk_group > cfg.n_group:
+            raise ConfigError(
+                f"{where}: {cfg.num_experts} experts in n_group {cfg.n_group} groups, topk_group "
+                f"{cfg.topk_group}: the groups must divide the experts and topk_group be at most n_group"
+            )
+        if cfg.num_experts // cfg.n_group < 2:
+            raise ConfigError(f"{where}: a group scores by its best two experts; give it at least two")
 
 
 def _read_json(path: Path, required: bool) -> dict | None:
@@ -227,6 +279,7 @@ class EngineConfig:
     seed: int = 0  # for requests that sample without a seed of their own
     tp_size: int = 1  # tensor-parallel ranks of this server (one process each)
     ep_size: int = 1  # 1: experts split like the dense MLP; tp_size: whole experts spread over the ranks
+    moe_a2a_backend: str = "none"  # mooncake: the ranks' collectives over Mooncake's process group
     dist_timeout_s: float = 120.0  # bound on every collective: a dead rank fails its peers, never hangs them
     cuda_graph: bool = True  # replay decode steps as CUDA graphs (CUDA with Triton, dense models)
 
@@ -247,6 +300,12 @@ class EngineConfig:
             raise ConfigError(
                 f"ep_size must be 1 or the tp_size ({self.tp_size}): experts are spread over the server's ranks, "
                 f"got {self.ep_size}"
+            )
+        if self.moe_a2a_backend not in ("none", "mooncake"):
+            raise ConfigError(f"moe_a2a_backend must be none or mooncake, got {self.moe_a2a_backend!r}")
+        if self.moe_a2a_backend == "mooncake" and self.ep_size == 1:
+            raise ConfigError(
+                "moe_a2a_backend mooncake exchanges tokens between expert-parallel ranks; set ep_size"
             )
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")

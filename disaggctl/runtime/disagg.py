@@ -28,7 +28,7 @@ from disaggctl.transfer.bootstrap import (
     bootstrap_url,
     layout_announcement,
 )
-from disaggctl.transfer.kv_layout import KvLayout, RankPool, rank_write_batches
+from disaggctl.transfer.kv_layout import KvLayout, RankPool, rank_write_batches, write_pairs
 from disaggctl.trust import DeploymentKey
 
 log = logging.getLogger("disaggctl.runtime.disagg")
@@ -220,15 +220,14 @@ class PrefillRole(TransferRole):
                 f"prompt; this prefill has {prompt_len} tokens in {n} pages (same model and tokenizer?)"
             )
         try:
-            # every (our rank, decode rank) pair that shares KV heads: one batched write each
+            # every (our rank, decode rank) pair that shares KV heads, replicas once: one batched write each
             jobs = []
-            for rank, src in enumerate(self.pools):
-                for dst in registration.pools:
-                    srcs, dsts, lens = rank_write_batches(
-                        src, prefilled.page_ids[:n], dst, registration.page_ids, prompt_len
-                    )
-                    if srcs:
-                        jobs.append((rank, dst.session_id, srcs, dsts, lens))
+            for rank, src, dst in write_pairs(self.pools, registration.pools):
+                srcs, dsts, lens = rank_write_batches(
+                    src, prefilled.page_ids[:n], dst, registration.page_ids, prompt_len
+                )
+                if srcs:
+                    jobs.append((rank, dst.session_id, srcs, dsts, lens))
         except ValueError as e:  # a registration that does not fit the announced pools
             return str(e)
         # No await between this check and the writes' submission: a cancel either came first or waits.

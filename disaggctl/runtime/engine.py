@@ -132,7 +132,9 @@ class Engine:
             self.config, tp.size, self.kv_cache.num_pages, max_len, port, transfer, self.config.dist_timeout_s
         )
         self.ranks = Ranks.spawn(spec, tp.size)
-        init_process_group(tp, "127.0.0.1", port, self.device, self.config.dist_timeout_s)
+        init_process_group(
+            tp, "127.0.0.1", port, self.device, self.config.dist_timeout_s, self.config.moe_a2a_backend
+        )
         log.info("tensor parallel: %d ranks, KV heads %d per rank", tp.size, self.kv_cache.num_kv_heads)
 
     def _close_ranks(self) -> None:

@@ -1,13 +1,16 @@
 """The KV pool: one tensor for every layer's pages, and the allocator that hands pages out.
 
-The pool is `[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`, contiguous, so the transfer
-layer registers one memory region once and computes any page's address from `layout()`. The allocator
+The pool is `[num_layers, parts, num_pages, page_size, num_kv_heads, head_dim]`, contiguous, so the
+transfer layer registers one memory region once and computes any page's address from `layout()`. `parts`
+is 2 (K and V) for per-head attention, 1 for a latent pool (MLA: one "head" of the compressed latent per
+token; `pool_shape` decides). The allocator
 prefers contiguous runs of pages: adjacent pages on both sides of a transfer merge into one write.
 """
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -111,13 +114,34 @@ class PageAllocator:
             assert sorted(flat) == np.flatnonzero(self.state == USED).tolist(), "used pages != owned pages"
 
 
+class PoolShape(NamedTuple):
+    """What one rank's pool holds per token and layer: `parts` (2: K and V; 1: a latent) of `num_heads`
+    heads from `head_start`, `head_dim` wide."""
+
+    parts: int
+    head_start: int
+    num_heads: int
+    head_dim: int
+
+
+def pool_shape(mc, tp) -> PoolShape:
+    """The pool a model (`ModelConfig`) needs on a rank (`TensorParallel`). Per-head attention: K and V of
+    the rank's share of the KV heads. MLA: the latent and the roped key part, one "head" per token, whole on
+    every rank (every query head reads all of it, so tensor parallelism replicates it)."""
+    if mc.mla:
+        return PoolShape(1, 0, 1, mc.kv_lora_rank + mc.qk_rope_head_dim)
+    head_start, heads = tp.head_range(mc.num_kv_heads)
+    return PoolShape(2, head_start, heads, mc.head_dim)
+
+
 class KVCache:
     """The page pool of one rank: the only place that knows its shape.
 
-    One contiguous tensor `[num_layers, 2, num_pages, page_size, kv_heads, head_dim]`: page p of (layer, k/v)
-    starts at `base_ptr + ((layer * 2 + k_or_v) * num_pages + p) * page_bytes` (what `layout()` tells a
-    peer), and token slot `s` of a layer is `page * page_size + offset`. With tensor parallelism a rank holds
-    heads `head_start .. head_start + kv_heads - 1` of every page; page ids are the same on every rank.
+    One contiguous tensor `[num_layers, parts, num_pages, page_size, kv_heads, head_dim]`: page p of
+    (layer, part) starts at `base_ptr + ((layer * parts + part) * num_pages + p) * page_bytes` (what
+    `layout()` tells a peer), and token slot `s` of a layer is `page * page_size + offset`. With tensor
+    parallelism a rank holds heads `head_start .. head_start + kv_heads - 1` of every page; page ids are the
+    same on every rank. A latent pool (`parts` 1) is read with `latent`, a K/V pool with `k` and `v`.
 
     `scratch`: one page more than the allocator hands out, page id `num_pages`, owned by no sequence: the
     padding rows of a CUDA-graph step write their keys there (`cuda_graph.py`).
@@ -134,12 +158,15 @@ class KVCache:
         device,
         head_start: int = 0,
         scratch: bool = False,
+        parts: int = 2,
     ):
         import torch
 
+        if parts not in (1, 2):
+            raise ValueError(f"a KV pool holds K and V (2 parts) or a latent (1), got {parts}")
         total = num_pages + (1 if scratch else 0)
         self.tensor = torch.zeros(
-            (num_layers, 2, total, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
+            (num_layers, parts, total, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
         self.page_size = page_size
         self.head_start = head_start
@@ -159,16 +186,47 @@ class KVCache:
         """Bytes of one head of one token in one (layer, k/v) page."""
         return self.tensor.shape[5] * self.tensor.element_size()
 
+    @classmethod
+    def of_shape(
+        cls, shape: PoolShape, num_layers, num_pages, page_size, dtype, device, scratch: bool = False
+    ) -> KVCache:
+        return cls(
+            num_layers,
+            num_pages,
+            page_size,
+            shape.num_heads,
+            shape.head_dim,
+            dtype,
+            device,
+            head_start=shape.head_start,
+            scratch=scratch,
+            parts=shape.parts,
+        )
+
+    @property
+    def parts(self) -> int:
+        return self.tensor.shape[1]
+
     def k(self, layer: int):
         """Keys of one layer: [num_pages, page_size, kv_heads, head_dim]."""
+        if self.parts != 2:
+            raise TypeError("a latent pool has no separate keys; read it with latent()")
         return self.tensor[layer, 0]
 
     def v(self, layer: int):
+        if self.parts != 2:
+            raise TypeError("a latent pool has no separate values; read it with latent()")
         return self.tensor[layer, 1]
 
+    def latent(self, layer: int):
+        """One layer of a latent pool by token slot: [num_pages * page_size, head_dim] (a view)."""
+        if self.parts != 1:
+            raise TypeError("a K/V pool has no latent; read it with k() and v()")
+        return self.tensor[layer, 0].view(-1, self.tensor.shape[5])
+
     @staticmethod
-    def page_bytes_all_layers(num_layers, page_size, num_kv_heads, head_dim, itemsize) -> int:
-        return num_layers * 2 * page_size * num_kv_heads * head_dim * itemsize
+    def page_bytes_all_layers(num_layers, page_size, num_kv_heads, head_dim, itemsize, parts: int = 2) -> int:
+        return num_layers * parts * page_size * num_kv_heads * head_dim * itemsize
 
     def layout(self):
         """Where this pool lives, for a peer that writes into it (`transfer.kv_layout.KvLayout`)."""
@@ -181,6 +239,7 @@ class KVCache:
         t = self.tensor
         return {
             **self.layout().to_dict(),
+            "parts": self.parts,
             "num_kv_heads": self.num_kv_heads,
             "head_start": self.head_start,
             "head_dim": t.shape[5],

@@ -52,6 +52,8 @@ def load_model(
     wanted = dict(model.state_dict())
     if cfg.tie_word_embeddings:
         wanted.pop("lm_head.weight")
+    # tensors the model keeps in fp32 whatever the dtype (DeepSeek's router: its choices are that sensitive)
+    fp32 = getattr(model, "fp32_params", ())
     params: dict[str, torch.Tensor] = {}
     unexpected = []
     for file in safetensors_files(path):
@@ -74,7 +76,7 @@ def load_model(
                         f"{file.name}: {name} has shape {tuple(t.shape)}, the config implies "
                         f"{tuple(wanted[name].shape)}"
                     )
-                params[name] = t.to(device=device, dtype=dtype)
+                params[name] = t.to(device=device, dtype=torch.float32 if name.endswith(fp32) else dtype)
     missing = sorted(set(wanted) - set(params))
     if missing or unexpected:
         parts = []

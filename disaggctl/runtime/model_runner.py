@@ -13,7 +13,7 @@ import torch
 
 from disaggctl.runtime.attention import SeqSlice, build_meta
 from disaggctl.runtime.config import ConfigError, EngineConfig, ModelConfig
-from disaggctl.runtime.kv_cache import KVCache
+from disaggctl.runtime.kv_cache import KVCache, pool_shape
 from disaggctl.runtime.loader import load_model
 from disaggctl.runtime.parallel import TensorParallel
 
@@ -66,18 +66,10 @@ class ModelRunner:
         self.use_graphs = (
             config.cuda_graph and self.paged_decode and getattr(self.model, "cuda_graphs", False)
         )
-        head_start, kv_heads = self.tp.head_range(mc.num_kv_heads)
-        pages = num_pages or config.max_pages or self._default_pages(max_len, kv_heads)
-        self.kv_cache = KVCache(
-            mc.num_layers,
-            pages,
-            config.page_size,
-            kv_heads,
-            mc.head_dim,
-            dtype,
-            device,
-            head_start,
-            scratch=self.use_graphs,
+        shape = pool_shape(mc, self.tp)
+        pages = num_pages or config.max_pages or self._default_pages(max_len, shape)
+        self.kv_cache = KVCache.of_shape(
+            shape, mc.num_layers, pages, config.page_size, dtype, device, scratch=self.use_graphs
         )
         self.scale = mc.head_dim**-0.5
         self.max_len = max_len
@@ -98,11 +90,11 @@ class ModelRunner:
         )
         self.graphs.capture()
 
-    def _default_pages(self, max_len: int, kv_heads: int) -> int:
+    def _default_pages(self, max_len: int, shape) -> int:
         config, mc = self.config, self.model_config
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         per_page = KVCache.page_bytes_all_layers(
-            mc.num_layers, config.page_size, kv_heads, mc.head_dim, itemsize
+            mc.num_layers, config.page_size, shape.num_heads, shape.head_dim, itemsize, shape.parts
         )
         if self.device.startswith("cuda"):
             free, _total = torch.cuda.mem_get_info(torch.device(self.device))

@@ -18,7 +18,17 @@ from dataclasses import dataclass
 import torch
 
 # Parameter name suffix -> the dimension split over ranks (0: output rows, 1: input columns).
-_COLUMN = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
+# MLA (DeepSeek): q_b_proj and kv_b_proj are per head, so column-split; q_a and kv_a_proj_with_mqa make the
+# latent every head reads, so replicated.
+_COLUMN = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "q_b_proj.weight",
+    "kv_b_proj.weight",
+)
 _COLUMN_BIAS = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias", "up_proj.bias")
 _ROW = ("o_proj.weight", "down_proj.weight")
 
@@ -91,8 +101,11 @@ def check_divisible(cfg, size: int, ep: bool = False) -> str | None:
     return None
 
 
-def init_process_group(tp: TensorParallel, address: str, port: int, device: str, timeout_s: float) -> None:
-    """Join the server's ranks (gloo on CPU, NCCL on CUDA). Every collective is bounded by `timeout_s`, so a
+def init_process_group(
+    tp: TensorParallel, address: str, port: int, device: str, timeout_s: float, a2a: str = "none"
+) -> None:
+    """Join the server's ranks (gloo on CPU, NCCL on CUDA; `a2a` mooncake: Mooncake's process group, which
+    its CUDA wheel registers with torch as "mooncake" and "mooncake-cpu"). Every collective is bounded by `timeout_s`, so a
     rank that dies fails its peers' next collective instead of hanging them. CPU ranks share the host's
     cores: each takes its share of intra-op threads rather than all of them (N ranks x all cores would
     oversubscribe and spin in each other's way)."""
@@ -103,6 +116,16 @@ def init_process_group(tp: TensorParallel, address: str, port: int, device: str,
     if torch.distributed.is_initialized():
         raise RuntimeError("this process already has a tensor-parallel group (one engine per process)")
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if a2a == "mooncake":
+        try:
+            import mooncake.ep  # noqa: F401  (the EP buffer; pre-flight checked both are there)
+            import mooncake.pg  # noqa: F401  (registers the backends on import)
+        except ImportError as e:
+            raise RuntimeError(
+                f"moe_a2a_backend mooncake needs mooncake.ep and mooncake.pg (the CUDA build of "
+                f"mooncake-transfer-engine): {e}"
+            ) from e
+        backend = "mooncake" if device.startswith("cuda") else "mooncake-cpu"
     torch.distributed.init_process_group(
         backend,
         init_method=f"tcp://{address}:{port}",

@@ -98,6 +98,7 @@ def make_engine(args, model_dir: str, transfer=None):
         "max_model_len": args.max_model_len,
         "tp_size": getattr(args, "tp_size", None),
         "ep_size": getattr(args, "ep_size", None),
+        "moe_a2a_backend": getattr(args, "moe_a2a_backend", None),
         "cuda_graph": getattr(args, "cuda_graph", True),
     }
     # Options left out on the command line take the engine's defaults.

@@ -87,6 +87,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         help="expert parallelism for MoE models: 1 (experts split like the MLP) or the tp size (whole experts per rank)",
     )
     ap.add_argument(
+        "--moe-a2a-backend",
+        choices=["none", "mooncake"],
+        default=None,
+        help="mooncake: the ranks' collectives over Mooncake's process group (its CUDA build)",
+    )
+    ap.add_argument(
         "--drain-timeout", type=float, default=DEFAULT_DRAIN_S, help="seconds to finish requests on stop"
     )
     ap.add_argument(

@@ -210,7 +210,9 @@ def main(argv: list[str]) -> int:
         device = f"cuda:{rank}"  # CUDA_VISIBLE_DEVICES holds this server's GPUs, rank 0 first
         torch.cuda.set_device(device)
     try:
-        init_process_group(tp, "127.0.0.1", spec["dist_port"], device, spec["timeout_s"])
+        init_process_group(
+            tp, "127.0.0.1", spec["dist_port"], device, spec["timeout_s"], config.moe_a2a_backend
+        )
         model_config = ModelConfig.from_hf_dir(config.model)
         runner = ModelRunner(
             config, model_config, device, config.resolve_dtype(device), spec["max_len"], tp, spec["num_pages"]

@@ -47,8 +47,11 @@ def _multimodal(topology: Topology) -> bool:
 # control plane may not import; tests/test_plan.py fails when this table and builtin.py disagree.
 BUILTIN_SHAPES: dict[str, dict[str, int]] = {
     "builtin:tiny": {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 192},
+    "builtin:tiny-moe": {"num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128},
     "builtin:smollm2": {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536},
 }
+# (experts, moe_intermediate_size) of the built-in mixture-of-experts models
+BUILTIN_EXPERTS: dict[str, tuple[int, int]] = {"builtin:tiny-moe": (8, 32)}
 
 # What each rank of a tensor-parallel server holds a 1/tp share of, the KV heads first: they are the
 # fewest, so the first to refuse a tp.
@@ -83,15 +86,18 @@ def model_shape(topology: Topology) -> dict[str, int] | None:
 
 def moe_shape(topology: Topology) -> tuple[int, int] | None:
     """(experts, intermediate size of one expert) of the model, (0, 0) for a dense one, None when this
-    machine cannot tell (the runtime checks at load). Built-in models are dense."""
+    machine cannot tell (the runtime checks at load)."""
     if topology.model.path in BUILTIN_SHAPES:
-        return 0, 0
+        return BUILTIN_EXPERTS.get(topology.model.path, (0, 0))
     raw = _model_config(topology)
     if raw is None:
         return None
     try:
-        # transformers 5 writes num_local_experts where Hub checkpoints say num_experts
-        experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+        # transformers 5 writes num_local_experts where Hub checkpoints say num_experts (DeepSeek:
+        # n_routed_experts)
+        experts = int(
+            raw.get("num_local_experts") or raw.get("num_experts") or raw.get("n_routed_experts") or 0
+        )
         inter = int(raw.get("moe_intermediate_size") or 0)
     except (TypeError, ValueError):
         return None

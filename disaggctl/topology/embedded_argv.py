@@ -41,6 +41,8 @@ def embedded_argv(
         argv += ["--tp-size", str(p.tp)]
     if p.ep > 1:
         argv += ["--ep-size", str(p.ep)]
+    if role.moe_a2a_backend == "mooncake":
+        argv += ["--moe-a2a-backend", "mooncake"]
     for flag, value in (
         ("--page-size", role.page_size),
         ("--max-pages", role.max_pages),

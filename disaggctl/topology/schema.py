@@ -79,6 +79,10 @@ class Role(Strict):
     tp: int = Field(1, ge=1)
     dp: int = Field(1, ge=1)
     ep: int = Field(1, ge=1)
+    # how an ep > 1 server exchanges tokens between experts' ranks: mooncake (Mooncake's EP buffer and
+    # process group; SGLang's --moe-a2a-backend mooncake) or none; unset: SGLang renders mooncake for
+    # ep > 1 (the guide's), the embedded runtime combines with its all-reduce
+    moe_a2a_backend: Literal["mooncake", "none"] | None = None
     hosts: list[str] | None = None  # default: every host, in file order
     max_per_host: int | None = Field(None, ge=1)
     gpus_per_replica: int | None = Field(None, ge=1)  # default: tp
@@ -103,6 +107,14 @@ class Role(Strict):
     @classmethod
     def _restart_no(cls, value: object) -> object:
         return _restart_text(value)
+
+    @model_validator(mode="after")
+    def _a2a_needs_experts(self) -> Role:
+        if self.moe_a2a_backend == "mooncake" and self.ep == 1:
+            raise ValueError(
+                "moe_a2a_backend: mooncake exchanges tokens between expert-parallel ranks; set ep > 1"
+            )
+        return self
 
     @field_validator("env", mode="before")
     @classmethod

@@ -178,7 +178,9 @@ def worker_argv(
         argv.append(f["disable_cuda_graph"]["flag"])
     if p.ep > 1:
         ep = t["ep"]
-        argv += list(ep["switches"]) + _emit(ep["ep_size"], p.ep, {"tp": p.tp})
+        if role.moe_a2a_backend != "none":  # unset: Mooncake's EP backend, as in the guide
+            argv += list(ep["switches"])
+        argv += _emit(ep["ep_size"], p.ep, {"tp": p.tp})
         argv += _emit(ep["ib_device"], ",".join(p.nics) or None)
     if p.role == "encoder":
         argv += list(t["encoder"]["switches"])

@@ -1,9 +1,11 @@
 """Addresses of KV pages in a paged pool, and the merged write list that ships them.
 
-The pool is one contiguous tensor `[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`,
-so page `p` of (layer, k_or_v) lives at `base + ((layer * 2 + k_or_v) * num_pages + p) * page_bytes`.
-Every Mooncake entry costs tens of microseconds, so pages that are contiguous on both sides are sent
-as one range, and ranges that continue across the (layer, k/v) boundary are joined too.
+The pool is one contiguous tensor `[num_layers, parts, num_pages, page_size, num_kv_heads, head_dim]`,
+so page `p` of (layer, part) lives at `base + ((layer * parts + part) * num_pages + p) * page_bytes`.
+`parts` is the pool's own (2: K and V; 1: MLA's latent), said by its layout; the writes below cover every
+part of every layer whatever it is. Every Mooncake entry costs tens of microseconds, so pages that are
+contiguous on both sides are sent as one range, and ranges that continue across the (layer, part)
+boundary are joined too.
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ from typing import Any
 
 import numpy as np
 
-_FIELDS = ("base_ptr", "num_layers", "num_pages", "page_bytes", "page_size")
+_FIELDS = ("base_ptr", "num_layers", "num_pages", "page_bytes", "page_size", "parts")
 
 
 @dataclass(frozen=True)
 class KvLayout:
-    """Where a KV pool lives in memory. `page_size` is tokens per page; `page_bytes` is one (layer, k/v) page."""
+    """Where a KV pool lives in memory. `page_size` is tokens per page; `page_bytes` is one (layer, part)
+    page; `parts` the slabs per layer (2: K and V; 1: a latent)."""
 
     base_ptr: int
     num_layers: int
     num_pages: int
     page_bytes: int
     page_size: int
+    parts: int = 2
 
     def __post_init__(self) -> None:
         for name in _FIELDS:
@@ -36,29 +40,36 @@ class KvLayout:
                 raise ValueError(f"KV layout field {name} must be positive, got {value}")
         if self.page_bytes % self.page_size:
             raise ValueError(f"page_bytes {self.page_bytes} is not a multiple of page_size {self.page_size}")
+        if self.parts not in (1, 2):
+            raise ValueError(f"KV layout parts must be 1 (a latent) or 2 (K and V), got {self.parts}")
 
     @property
     def token_bytes(self) -> int:
-        """Bytes of one token in one (layer, k/v) page."""
+        """Bytes of one token in one (layer, part) page."""
         return self.page_bytes // self.page_size
 
     @property
     def slab_bytes(self) -> int:
-        """Bytes of all pages of one (layer, k/v)."""
+        """Bytes of all pages of one (layer, part)."""
         return self.num_pages * self.page_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.num_layers * 2 * self.slab_bytes
+        return self.num_slabs * self.slab_bytes
+
+    @property
+    def num_slabs(self) -> int:
+        """(layer, part) slabs, each `num_pages` pages."""
+        return self.num_layers * self.parts
 
     def page_addr(self, layer: int, kv: int, page: int) -> int:
-        if not (0 <= layer < self.num_layers and kv in (0, 1) and 0 <= page < self.num_pages):
-            raise IndexError(f"(layer {layer}, kv {kv}, page {page}) is outside this KV layout")
-        return self.base_ptr + ((layer * 2 + kv) * self.num_pages + page) * self.page_bytes
+        if not (0 <= layer < self.num_layers and 0 <= kv < self.parts and 0 <= page < self.num_pages):
+            raise IndexError(f"(layer {layer}, part {kv}, page {page}) is outside this KV layout")
+        return self.base_ptr + ((layer * self.parts + kv) * self.num_pages + page) * self.page_bytes
 
     def incompatibility(self, other: KvLayout) -> str | None:
         """Why pages of `other` cannot be copied byte for byte into this pool, or None if they can."""
-        for name in ("num_layers", "page_bytes", "page_size"):
+        for name in ("num_layers", "parts", "page_bytes", "page_size"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 return f"{name} differs: {theirs} vs {mine} here"
@@ -71,25 +82,29 @@ class KvLayout:
     def from_dict(cls, data: Mapping[str, Any]) -> KvLayout:
         if not isinstance(data, Mapping):
             raise ValueError(f"KV layout must be an object, got {type(data).__name__}")
-        missing = [name for name in _FIELDS if name not in data]
+        missing = [name for name in _FIELDS if name not in data and name != "parts"]
         if missing:
             raise ValueError(f"KV layout is missing {', '.join(missing)}")
-        return cls(**{name: data[name] for name in _FIELDS})
+        # a layout without parts is a K/V pool's (the only kind there was before latent pools)
+        return cls(**{name: data[name] for name in _FIELDS if name in data})
 
     @classmethod
     def from_tensor(cls, pool: Any) -> KvLayout:
-        """Layout of a contiguous `[layers, 2, pages, page_size, kv_heads, head_dim]` tensor (torch or numpy)."""
+        """Layout of a contiguous `[layers, parts, pages, page_size, kv_heads, head_dim]` tensor (torch or
+        numpy)."""
         shape = tuple(pool.shape)
-        if len(shape) != 6 or shape[1] != 2:
-            raise ValueError(f"KV pool must be [layers, 2, pages, page_size, heads, dim], got shape {shape}")
+        if len(shape) != 6 or shape[1] not in (1, 2):
+            raise ValueError(
+                f"KV pool must be [layers, parts (1 or 2), pages, page_size, heads, dim], got shape {shape}"
+            )
         if hasattr(pool, "data_ptr"):
             contiguous, ptr, itemsize = pool.is_contiguous(), pool.data_ptr(), pool.element_size()
         else:
             contiguous, ptr, itemsize = pool.flags["C_CONTIGUOUS"], pool.ctypes.data, pool.itemsize
         if not contiguous:
             raise ValueError("KV pool tensor must be contiguous")
-        layers, _, pages, page_size, heads, dim = shape
-        return cls(ptr, layers, pages, page_size * heads * dim * itemsize, page_size)
+        layers, parts, pages, page_size, heads, dim = shape
+        return cls(ptr, layers, pages, page_size * heads * dim * itemsize, page_size, parts)
 
 
 def _page_array(pages: Sequence[int], layout: KvLayout, side: str) -> np.ndarray:
@@ -139,7 +154,8 @@ def kv_write_batches(
     dst_pages: Sequence[int],
     num_tokens: int | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
-    """The (srcs, dsts, lens) of one batched write copying every layer's K and V of `src_pages` to `dst_pages`.
+    """The (srcs, dsts, lens) of one batched write copying every layer's parts (K and V, or the latent) of
+    `src_pages` to `dst_pages`.
 
     Page lists are in token order. With `num_tokens`, only the used part of the last page is sent.
     """
@@ -169,7 +185,7 @@ def kv_write_batches(
     s_start, d_start, counts = _runs(src, dst)
     run_lens = counts * page_bytes
     run_lens[-1] -= page_bytes - tail_bytes
-    slabs = np.arange(src_layout.num_layers * 2, dtype=np.int64)[:, None]
+    slabs = np.arange(src_layout.num_slabs, dtype=np.int64)[:, None]
     srcs = src_layout.base_ptr + slabs * src_layout.slab_bytes + s_start[None, :] * page_bytes
     dsts = dst_layout.base_ptr + slabs * dst_layout.slab_bytes + d_start[None, :] * page_bytes
     lens = np.broadcast_to(run_lens, srcs.shape)
@@ -238,22 +254,43 @@ def pools_incompatibility(src: Sequence[RankPool], dst: Sequence[RankPool]) -> s
     for side, pools in (("source", src), ("destination", dst)):
         if not pools:
             return f"the {side} has no KV pool"
-        covered = sorted((p.head_start, p.num_heads) for p in pools)
+        # ranks with the same heads are replicas (MLA's latent is whole on every rank)
+        covered = sorted({(p.head_start, p.num_heads) for p in pools})
         start = 0
         for head_start, n in covered:
             if head_start != start:
                 return f"the {side} ranks' KV heads do not cover 0..N-1 without gaps"
             start += n
-    heads = {side: sum(p.num_heads for p in pools) for side, pools in (("src", src), ("dst", dst))}
+    heads = {
+        side: sum(n for _, n in {(p.head_start, p.num_heads) for p in pools})
+        for side, pools in (("src", src), ("dst", dst))
+    }
     if heads["src"] != heads["dst"]:
         return f"KV heads differ: {heads['src']} vs {heads['dst']}"
     a, b = src[0], dst[0]
-    for name in ("num_layers", "page_size"):
+    for name in ("num_layers", "parts", "page_size"):
         if getattr(a.layout, name) != getattr(b.layout, name):
             return f"{name} differs: {getattr(a.layout, name)} vs {getattr(b.layout, name)}"
     if a.head_bytes != b.head_bytes:
         return f"bytes per head differ (dtype or head_dim): {a.head_bytes} vs {b.head_bytes}"
     return None
+
+
+def write_pairs(src: Sequence[RankPool], dst: Sequence[RankPool]) -> list[tuple[int, RankPool, RankPool]]:
+    """(source rank, source pool, destination pool) of every write that moves one request's KV: each
+    destination rank gets every head it holds exactly once. Source ranks holding the same heads are replicas
+    (a latent pool under tensor parallelism); the destinations are spread over them rather than each
+    replica writing the same bytes again."""
+    replicas: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(src):
+        replicas.setdefault((p.head_start, p.num_heads), []).append(i)
+    pairs = []
+    for j, d in enumerate(dst):
+        for (start, n), ranks in replicas.items():
+            if start < d.head_start + d.num_heads and d.head_start < start + n:
+                i = ranks[j % len(ranks)]
+                pairs.append((i, src[i], d))
+    return pairs
 
 
 def rank_write_batches(
@@ -277,10 +314,10 @@ def rank_write_batches(
         )
     tokens = np.arange(num_tokens, dtype=np.int64)
     page_idx, offset = tokens // s_lay.page_size, tokens % s_lay.page_size
-    slabs = np.arange(s_lay.num_layers * 2, dtype=np.int64)[:, None]
+    slabs = np.arange(s_lay.num_slabs, dtype=np.int64)[:, None]
 
     def addresses(pool: RankPool, pages: np.ndarray) -> np.ndarray:
-        """[layers * 2, tokens]: where each token's shared heads start, per (layer, k/v)."""
+        """[slabs, tokens]: where each token's shared heads start, per (layer, part)."""
         lay = pool.layout
         within = (
             pages[page_idx] * lay.page_bytes

@@ -19,4 +19,8 @@ def model_class(cfg: ModelConfig):
         from disaggctl.runtime.models.moe import Qwen3MoeForCausalLM
 
         return Qwen3MoeForCausalLM
+    if cfg.family == "deepseek_v3":
+        from disaggctl.runtime.models.deepseek import DeepseekV3ForCausalLM
+
+        return DeepseekV3ForCausalLM
     raise ConfigError(f"no model class for {cfg.architecture!r}; supported: {', '.join(ARCHITECTURES)}")

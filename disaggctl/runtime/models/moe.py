@@ -44,12 +44,18 @@ class SparseMoE(nn.Module):
         for expert in self.experts.values():
             expert.fuse()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, top_k] in x's dtype, chosen expert ids [T, top_k]) of every token."""
         probs = torch.softmax(F.linear(x, self.gate.weight), dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
+        return weights.to(x.dtype), chosen
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the mixture: each token through the experts it chose that live here, scaled
+        by its routing weight; zero rows for tokens none of whose experts are here. Summing the ranks'
+        parts (the all-reduce) combines them: each (token, expert) pair is weighted on exactly one rank."""
         out = torch.zeros_like(x)
         hit = torch.unique(chosen).tolist()  # one host sync per layer: which of the experts have tokens
         for e in hit:
@@ -59,7 +65,10 @@ class SparseMoE(nn.Module):
             token, slot = torch.where(chosen == e)
             y = expert(x.index_select(0, token)) * weights[token, slot, None]
             out.index_add_(0, token, y)
-        return self.tp.all_reduce(out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.dispatch(x, *self.route(x)))
 
 
 def qwen3_moe_mlp(cfg: ModelConfig, tp: TensorParallel, layer: int) -> nn.Module:

@@ -31,6 +31,8 @@ class StepBatch:
     positions: list[int]
     slices: list[tuple[int, int, list[int]]]  # (q_len, kv_len, pages) per sequence
     logit_rows: list[int]
+    embed_rows: list[int] | None = None  # rows whose input is an embedding (image tokens), not a token's
+    embeds: torch.Tensor | None = None  # [len(embed_rows), hidden]
 
 
 @dataclass
@@ -100,12 +102,16 @@ class ModelRunner:
         slices = [SeqSlice(q_len=q, kv_len=kv, pages=pages) for q, kv, pages in batch.slices]
         meta = build_meta(slices, self.kv_cache.page_size, self.scale, dev)
         rows = torch.tensor(batch.logit_rows, device=dev) if sample_rows else None
+        extra = {}
+        if batch.embed_rows:
+            extra["embeds"] = (torch.tensor(batch.embed_rows, device=dev), batch.embeds.to(dev))
         return self.model(
             torch.tensor(batch.input_ids, device=dev),
             torch.tensor(batch.positions, device=dev),
             self.kv_cache,
             meta,
             rows,
+            **extra,
         )
 
     # -- transfer ---------------------------------------------------------------------------------------

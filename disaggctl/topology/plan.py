@@ -148,9 +148,15 @@ def _model_config(topology: Topology) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
+# built-in models with a vision tower (disaggctl/runtime/builtin.py makes them)
+BUILTIN_MULTIMODAL = ("builtin:tiny-llava",)
+
+
 def _multimodal(topology: Topology) -> bool:
     if topology.model.multimodal != "auto":
         return bool(topology.model.multimodal)
+    if topology.model.path in BUILTIN_MULTIMODAL:
+        return True
     return "vision_config" in (_model_config(topology) or {})
 
 
@@ -291,8 +297,10 @@ def check_launchable(topology: Topology, source: str) -> None:
     hosts = {h.name: h for h in topology.hosts}
     rej = _Rejections()
     for role_name, role in topology.roles():
-        if role_name == "encoder":
-            rej.add((role_name,), "the embedded runtime has no encoder role yet; use engine: sglang for EPD")
+        if role_name == "encoder" and not topology.prefill:
+            rej.add((role_name,), "the embedded runtime runs encoders in front of prefill + decode (EPD) only")
+        if role_name == "encoder" and role.tp > 1:
+            rej.add((role_name, "tp"), "an embedded encoder runs on one device (tp: 1)")
         # rank r of a server runs on the r-th GPU of its CUDA_VISIBLE_DEVICES: fewer GPUs than ranks
         # would leave the last ranks without a device
         on_gpus = any(hosts[n].gpus > 0 for n in (role.hosts or list(hosts)) if n in hosts)
@@ -529,6 +537,11 @@ def _peer_args(p: ProcessSpec, procs: list[ProcessSpec]) -> list[str]:
         for q in procs:
             if q.role == "decode":
                 argv += ["--decode-peer", f"{q.name}={q.url}"]
+    # EPD: a prefill takes embeddings from these encoders only; an encoder writes into these prefills only
+    peer_of = {"prefill": ("encoder", "--encoder-peer"), "encoder": ("prefill", "--prefill-peer")}
+    if p.role in peer_of:
+        role, flag = peer_of[p.role]
+        argv += [a for q in procs if q.role == role for a in (flag, f"{q.name}={q.url}")]
     return argv
 
 
@@ -542,6 +555,7 @@ def _embedded_argv(
         argv += ["--tp-size", str(p.tp)]
     if p.ep > 1:
         argv += ["--ep-size", str(p.ep)]
+    kv_knobs = p.role != "encoder"  # an encoder has no KV pool and no context
     for flag, value in (
         ("--page-size", role.page_size),
         ("--max-pages", role.max_pages),
@@ -550,11 +564,11 @@ def _embedded_argv(
         ("--max-model-len", m.max_model_len),
         ("--served-model-name", m.served_name),
     ):
-        if value is not None:
+        if value is not None and (kv_knobs or flag == "--max-batch"):
             argv += [flag, str(value)]
     if p.role == "prefill":
         argv += ["--bootstrap-port", str(p.bootstrap_port)]
-    if p.role in ("prefill", "decode"):
+    if p.role in ("prefill", "decode", "encoder"):
         # Mooncake names each side by this address: the peer must reach it even when binding 0.0.0.0.
         argv += ["--advertise-host", p.address]
         argv += ["--transfer-protocol", protocol]
@@ -734,6 +748,7 @@ def build_plan(topology: Topology, source_path: str = "<topology>") -> Plan:
     pargv = sglang.proxy_argv(topology, python, pbind, workers) if topology.engine == "sglang" else None
     if pargv is None:
         pargv = _builtin_proxy_argv(python, pbind, topology.proxy.port, topology.proxy, workers)
+        pargv += [a for p in procs if p.role == "encoder" for a in ("--encoder", p.url)]
     procs.append(
         ProcessSpec(
             name="proxy",

@@ -166,6 +166,7 @@ def _multimodal(topology: Topology) -> bool:
 BUILTIN_SHAPES: dict[str, dict[str, int]] = {
     "builtin:tiny": {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 192},
     "builtin:smollm2": {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536},
+    "builtin:tiny-llava": {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128},
 }
 
 # What each rank of a tensor-parallel server holds a 1/tp share of, the KV heads first: they are the

@@ -225,8 +225,11 @@ def bench(args) -> tuple[list[dict], dict]:
             max_batch=max(batches),
             chunk_size=max(args.prompt_len * max(batches), 512),
             max_model_len=max_len,
+            cuda_graph=args.cuda_graph,
         )
     )
+    graphs = engine.runner.graphs
+    capture_s = round(graphs.capture_s, 3) if graphs is not None else None
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     vocab = engine.model_config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -262,6 +265,8 @@ def bench(args) -> tuple[list[dict], dict]:
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
                 "repeats": args.repeats,
+                "cuda_graphs": graphs is not None,
+                "graph_capture_s": capture_s,
                 "engine_tok_s": round(ours_med, 1),
                 "transformers_tok_s": round(theirs_med, 1),
                 "speedup": round(ours_med / theirs_med, 2),
@@ -301,6 +306,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per side and batch; the median counts")
+    ap.add_argument(
+        "--no-cuda-graph", dest="cuda_graph", action="store_false", help="decode eagerly (CUDA only)"
+    )
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ap.add_argument("--profile", metavar="DIR", help="also profile one engine run at the largest batch")
     args = ap.parse_args(argv)

@@ -2,14 +2,15 @@
 
 A step feeds each scheduled sequence `q_len` new tokens (a prefill chunk, or 1 for decode) whose keys go to
 the end of that sequence's `kv_len` cached tokens. Rows of `q` are the sequences' new tokens back to back.
-`AttentionMeta` is built once per step and shared by every layer. `paged_attention` is the one entry point;
-`KERNELS` maps a device type to a faster kernel when one is registered (a Triton or FlashInfer paged
-kernel on CUDA goes there), and the pure-torch reference serves everything else.
+`AttentionMeta` is built once per step and shared by every layer. `paged_attention` is the one entry point.
+Decode rows go either to the pure-torch reference (gather the keys, then matmuls: CPU, and the test
+oracle) or, when the meta was built for it (`paged_decode`, CUDA with Triton), to the paged kernel of
+`triton_attention.py`, which reads the pages in place; prefill pieces always take SDPA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,9 @@ class AttentionMeta:
     decode_slots: torch.Tensor | None = None  # [Bd, Lmax]
     decode_mask: torch.Tensor | None = None  # [Bd, Lmax] True where a key exists
     prefills: list[PrefillGroup] = field(default_factory=list)
+    # paged decode kernel: each decoding row's page ids and key count (new token included)
+    decode_table: torch.Tensor | None = None  # [Bd, pages] int32
+    decode_lens: torch.Tensor | None = None  # [Bd] int32
     # per-step tensors derived at the first layer and reused by the others (decode mask bias, gather rows)
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -56,8 +60,11 @@ class AttentionMeta:
         return int(self.slot_mapping.shape[0])
 
 
-def build_meta(seqs: Sequence[SeqSlice], page_size: int, scale: float, device) -> AttentionMeta:
+def build_meta(
+    seqs: Sequence[SeqSlice], page_size: int, scale: float, device, paged_decode: bool = False
+) -> AttentionMeta:
     """Describe one step for the attention kernels (host work: numpy, then one copy per tensor).
+    `paged_decode`: decode rows go to the paged kernel, which needs their pages and lengths, not slots.
 
     Vectorised over sequences: at decode batch sizes a per-sequence Python loop here costs more than the
     step's attention does on a GPU. Only prefill pieces, few per step, are handled one by one.
@@ -111,7 +118,14 @@ def build_meta(seqs: Sequence[SeqSlice], page_size: int, scale: float, device) -
     )
     decoding = np.flatnonzero(q_lens == 1)
     if decoding.size:
+        if decoding.size != total:  # a pure decode step needs no row gather and scatter
+            meta.decode_rows = torch.from_numpy(row_starts[decoding]).to(device)
         decode_kv = kv_lens[decoding]
+        if paged_decode:
+            table_d = table[decoding] if decoding.size != len(seqs) else table
+            meta.decode_table = torch.from_numpy(table_d.astype(np.int32)).to(device)
+            meta.decode_lens = torch.from_numpy(decode_kv.astype(np.int32)).to(device)
+            return meta
         lmax = int(decode_kv.max())
         pages_d = table[decoding, : (lmax + page_size - 1) // page_size]
         slots = (pages_d[:, :, None] * page_size + np.arange(page_size)).reshape(decoding.size, -1)[:, :lmax]
@@ -119,8 +133,6 @@ def build_meta(seqs: Sequence[SeqSlice], page_size: int, scale: float, device) -
         # Masked slots still go through the matmul (weight 0, but 0 * NaN is NaN): point them at the
         # sequence's own first key, never at unwritten or foreign bytes (a late remote write, say).
         slots = np.where(valid, slots, slots[:, :1])
-        if decoding.size != total:  # a pure decode step needs no row gather and scatter
-            meta.decode_rows = torch.from_numpy(row_starts[decoding]).to(device)
         meta.decode_slots = torch.from_numpy(np.ascontiguousarray(slots)).to(device)
         meta.decode_mask = torch.from_numpy(valid).to(device)
     return meta
@@ -161,15 +173,28 @@ def _decode_attention(q, kf, vf, meta: AttentionMeta) -> torch.Tensor:
     return torch.bmm(torch.softmax(scores, dim=-1), v).view(bd, heads, dim)
 
 
-def torch_reference(q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
-    """Gather each sequence's keys/values by slot, then attention with the right causal offset."""
+def _decode_rows(q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
+    """Attention of the decode rows' queries [Bd, H, D]."""
+    if meta.decode_lens is not None:
+        from disaggctl.runtime.triton_attention import decode_attention
+
+        return decode_attention(q, k_cache, v_cache, meta.decode_table, meta.decode_lens, meta.scale)
+    heads, dim = k_cache.shape[-2:]
+    return _decode_attention(q.contiguous(), k_cache.view(-1, heads, dim), v_cache.view(-1, heads, dim), meta)
+
+
+def paged_attention(q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
+    """q: [T, heads, head_dim]; caches: one layer's [num_pages, page_size, kv_heads, head_dim].
+    Decode rows as `_decode_rows` says; each prefill group gathers its keys by slot, then SDPA with the
+    right causal offset."""
+    decoding = meta.decode_slots is not None or meta.decode_lens is not None
+    if decoding and meta.decode_rows is None:
+        return _decode_rows(q, k_cache, v_cache, meta)
     heads, dim = k_cache.shape[-2:]
     kf, vf = k_cache.view(-1, heads, dim), v_cache.view(-1, heads, dim)
-    if meta.decode_slots is not None and meta.decode_rows is None:
-        return _decode_attention(q.contiguous(), kf, vf, meta)
     out = torch.empty_like(q)
-    if meta.decode_slots is not None:
-        o = _decode_attention(q.index_select(0, meta.decode_rows), kf, vf, meta)
+    if decoding:
+        o = _decode_rows(q.index_select(0, meta.decode_rows), k_cache, v_cache, meta)
         out.index_copy_(0, meta.decode_rows, o)
     for p in meta.prefills:
         qp = q[p.rows].transpose(1, 2)  # [G, H, n, D]
@@ -180,12 +205,3 @@ def torch_reference(q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
         )
         out.index_copy_(0, p.rows.reshape(-1), o.transpose(1, 2).reshape(-1, *q.shape[1:]))
     return out
-
-
-# device type -> kernel with the signature of `torch_reference`
-KERNELS: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-def paged_attention(q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
-    """q: [T, heads, head_dim]; caches: one layer's [num_pages, page_size, kv_heads, head_dim]."""
-    return KERNELS.get(q.device.type, torch_reference)(q, k_cache, v_cache, meta)

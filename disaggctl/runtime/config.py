@@ -259,6 +259,7 @@ class EngineConfig:
     ep_size: int = 1  # 1: experts split like the dense MLP; tp_size: whole experts spread over the ranks
     vision: bool = True  # load a multimodal model's vision tower (False: the encoders run it)
     dist_timeout_s: float = 120.0  # bound on every collective: a dead rank fails its peers, never hangs them
+    cuda_graph: bool = True  # replay decode steps as CUDA graphs (CUDA with Triton, dense models)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:

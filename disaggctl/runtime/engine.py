@@ -111,6 +111,7 @@ class Engine:
                 self.runner.attach_agent(transfer)
             # every rank's KV pool, rank order: where a peer writes (or reads) this server's KV
             self.pools = [self.runner.pool()] + (self.ranks.wait_ready() if self.ranks else [])
+            self.runner.capture_graphs()  # the other ranks capture theirs at the same time
         except BaseException:
             self._close_ranks()
             raise
@@ -118,6 +119,10 @@ class Engine:
             self.kv_cache.allocator, config.page_size, config.max_batch, config.chunk_size
         )
         self.seqs: dict[str, Sequence] = {}
+        # events wait here until `_flush`; on CUDA a step's events go out while the GPU runs the next
+        # step, off the host's critical path (the GPU idles whenever the step thread is busy)
+        self._outbox: list[tuple[Sequence, RequestEvent]] = []
+        self._overlap = self.device.startswith("cuda")
         self._commands: deque = deque()
         self._wake = threading.Condition()
         self._stop = threading.Event()
@@ -236,33 +241,40 @@ class Engine:
         self.apply_commands()
         for seq in list(self.seqs.values()):
             self._fail(seq, "engine stopped", reason="abort")
+        self._flush()
 
     def step(self) -> bool:
-        """Apply queued commands, then run one batch. False when there was nothing to run."""
+        """Apply queued commands, then run one batch. False when there was nothing to run (and no
+        event left to send)."""
         self.apply_commands()
         if not self.scheduler.has_work():
-            return False
+            return self._flush()
         step = self.scheduler.schedule()
         for seq, why in step.failed:
             self._fail(seq, why)
         for seq in step.kv_waits:
             self._emit(seq, RequestEvent(seq.rid, "kv_pages", page_ids=list(seq.pages)))
         if not step.rows:
+            self._flush()
             return bool(step.kv_waits or step.failed)
         try:
             logits, samplers = self._forward(step.rows)
+            self._flush()  # the previous step's events, while the device computes this one
             tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         except Exception as e:  # fail this step's requests only; the engine goes on
             log.exception("forward pass failed")
             self.counters["step_errors"] += 1
             for seq, _ in step.rows:
                 self._fail(seq, f"engine error: {type(e).__name__}: {e}")
+            self._flush()
             return True
         self.counters["steps"] += 1
         for seq, n in step.rows:
             seq.num_computed += n
         for seq, tok, lp in zip(samplers, tokens, logprobs, strict=True):
             self._on_sample(seq, tok, lp)
+        if not self._overlap:
+            self._flush()
         return True
 
     def _forward(self, rows: list[tuple[Sequence, int]]):
@@ -442,13 +454,22 @@ class Engine:
         self._emit(seq, ev)
 
     def _emit(self, seq: Sequence, ev: RequestEvent) -> None:
-        cb = getattr(seq.request, "on_event", None)
-        if cb is None:
-            return
-        try:
-            cb(ev)
-        except Exception:
-            log.exception("on_event callback of request %s failed", seq.rid)
+        self._outbox.append((seq, ev))
+
+    def _flush(self) -> bool:
+        """Send the queued events, in order. Whether there were any."""
+        if not self._outbox:
+            return False
+        out, self._outbox = self._outbox, []
+        for seq, ev in out:
+            cb = getattr(seq.request, "on_event", None)
+            if cb is None:
+                continue
+            try:
+                cb(ev)
+            except Exception:
+                log.exception("on_event callback of request %s failed", seq.rid)
+        return True
 
 
 def _error(seq: Sequence, why: str) -> RequestEvent:

@@ -116,19 +116,33 @@ class KVCache:
     starts at `base_ptr + ((layer * 2 + k_or_v) * num_pages + p) * page_bytes` (what `layout()` tells a
     peer), and token slot `s` of a layer is `page * page_size + offset`. With tensor parallelism a rank holds
     heads `head_start .. head_start + kv_heads - 1` of every page; page ids are the same on every rank.
+
+    `scratch`: one page more than the allocator hands out, page id `num_pages`, owned by no sequence: the
+    padding rows of a CUDA-graph step write their keys there (`cuda_graph.py`).
     """
 
     def __init__(
-        self, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype, device, head_start: int = 0
+        self,
+        num_layers,
+        num_pages,
+        page_size,
+        num_kv_heads,
+        head_dim,
+        dtype,
+        device,
+        head_start: int = 0,
+        scratch: bool = False,
     ):
         import torch
 
+        total = num_pages + (1 if scratch else 0)
         self.tensor = torch.zeros(
-            (num_layers, 2, num_pages, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
+            (num_layers, 2, total, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
         self.page_size = page_size
         self.head_start = head_start
         self.allocator = PageAllocator(num_pages)
+        self.scratch_page = num_pages if scratch else None
 
     @property
     def num_pages(self) -> int:

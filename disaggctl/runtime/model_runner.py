@@ -62,13 +62,43 @@ class ModelRunner:
         self.dtype = dtype
         self.tp = tp or TensorParallel()
         self.model = load_model(config.model, dtype, device, mc, self.tp)
+        on_cuda = device.startswith("cuda")
+        # the paged Triton kernel for decode rows on CUDA; the torch reference elsewhere
+        self.paged_decode = on_cuda and _have_triton()
+        self.use_graphs = (
+            config.cuda_graph and self.paged_decode and getattr(self.model, "cuda_graphs", False)
+        )
         head_start, kv_heads = self.tp.head_range(mc.num_kv_heads)
         pages = num_pages or config.max_pages or self._default_pages(max_len, kv_heads)
         self.kv_cache = KVCache(
-            mc.num_layers, pages, config.page_size, kv_heads, mc.head_dim, dtype, device, head_start
+            mc.num_layers,
+            pages,
+            config.page_size,
+            kv_heads,
+            mc.head_dim,
+            dtype,
+            device,
+            head_start,
+            scratch=self.use_graphs,
         )
         self.scale = mc.head_dim**-0.5
+        self.max_len = max_len
+        self.graphs = None
         self.agent = None
+        if config.cuda_graph and on_cuda and not self.use_graphs:
+            why = "Triton is not installed" if not self.paged_decode else "the model's forward syncs the host"
+            log.info("decode steps run eagerly: %s", why)
+
+    def capture_graphs(self, sample_rows: bool = True) -> None:
+        """Capture the decode CUDA graphs (after the process group is up: TP ranks capture together)."""
+        if not self.use_graphs:
+            return
+        from disaggctl.runtime.cuda_graph import DecodeGraphs
+
+        self.graphs = DecodeGraphs(
+            self.model, self.kv_cache, self.scale, self.config.max_batch, self.max_len, sample_rows
+        )
+        self.graphs.capture()
 
     def _default_pages(self, max_len: int, kv_heads: int) -> int:
         config, mc = self.config, self.model_config
@@ -99,8 +129,10 @@ class ModelRunner:
         """Run one step: the KV of every token goes to this rank's pool; logits of `logit_rows` come back
         (fp32) when `sample_rows`, else None (ranks that do not sample skip the LM head)."""
         dev = self.device
+        if self.graphs is not None and self.graphs.fits(batch.slices, batch.logit_rows):
+            return self.graphs.replay(batch.input_ids, batch.positions, batch.slices)
         slices = [SeqSlice(q_len=q, kv_len=kv, pages=pages) for q, kv, pages in batch.slices]
-        meta = build_meta(slices, self.kv_cache.page_size, self.scale, dev)
+        meta = build_meta(slices, self.kv_cache.page_size, self.scale, dev, paged_decode=self.paged_decode)
         rows = torch.tensor(batch.logit_rows, device=dev) if sample_rows else None
         extra = {}
         if batch.embed_rows:
@@ -151,6 +183,15 @@ class ModelRunner:
         self.agent.write(session_id, srcs, dsts, lens)
 
     def close(self) -> None:
+        self.graphs = None
         if self.agent is not None:
             self.agent.close()
             self.agent = None
+
+
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -99,6 +99,7 @@ def make_engine(args, model_dir: str, transfer=None):
         "max_model_len": args.max_model_len,
         "tp_size": getattr(args, "tp_size", None),
         "ep_size": getattr(args, "ep_size", None),
+        "cuda_graph": getattr(args, "cuda_graph", True),
         # a decode takes the KV of image tokens, and a server with encoders their embeddings: neither
         # runs the vision tower
         "vision": not getattr(args, "encoder_peer", None) and not hasattr(args, "prefill_bootstrap"),

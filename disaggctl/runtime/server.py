@@ -71,6 +71,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     ap.add_argument("--max-batch", type=int, default=None, help="most requests running at once")
     ap.add_argument("--chunk-size", type=int, default=None, help="prefill chunk, in tokens")
     ap.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    ap.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)",
+    )
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument(
         "--tp-size", type=int, default=1, help="tensor-parallel ranks (one process each; rank 0 serves HTTP)"

@@ -222,6 +222,12 @@ def main(argv: list[str]) -> int:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return 1
     conn.send(("ready", runner.pool()))
+    try:
+        runner.capture_graphs(sample_rows=False)  # with rank 0, which captures once every rank is ready
+    except Exception as e:
+        log.exception("rank %d failed to capture its CUDA graphs", rank)
+        conn.send(("error", f"CUDA graph capture failed: {type(e).__name__}: {e}"))
+        return 1
     send_lock = threading.Lock()
 
     def write(wid: int, session_id: str, srcs, dsts, lens) -> None:

@@ -567,6 +567,8 @@ def _embedded_argv(
     ):
         if value is not None and (kv_knobs or flag == "--max-batch"):
             argv += [flag, str(value)]
+    if role.cuda_graph is False:
+        argv.append("--no-cuda-graph")
     if p.role == "prefill":
         argv += ["--bootstrap-port", str(p.bootstrap_port)]
     if p.role in ("prefill", "decode", "encoder"):

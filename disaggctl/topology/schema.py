@@ -92,6 +92,7 @@ class Role(Strict):
     max_pages: int | None = Field(None, ge=1)
     max_batch: int | None = Field(None, ge=1)
     chunk_size: int | None = Field(None, ge=1)
+    cuda_graph: bool | None = None  # false: decode steps run eagerly (SGLang: --disable-cuda-graph)
     # what the keeper does when a replica exits: docs/topology.md, `keeper`
     restart: RestartPolicy = "on-failure"
 

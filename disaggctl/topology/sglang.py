@@ -174,6 +174,8 @@ def worker_argv(
         argv += _emit(f["max_total_tokens"], role.max_pages * role.page_size)
     argv += _emit(f["max_running_requests"], role.max_batch)
     argv += _emit(f["chunked_prefill_size"], role.chunk_size)
+    if role.cuda_graph is False:
+        argv.append(f["disable_cuda_graph"]["flag"])
     if p.ep > 1:
         ep = t["ep"]
         argv += list(ep["switches"]) + _emit(ep["ep_size"], p.ep, {"tp": p.tp})

@@ -220,6 +220,8 @@ class Backbone(nn.Module):
 class LlamaForCausalLM(nn.Module):
     # builds each layer's MLP (cfg, tp, layer index): a mixture-of-experts model plugs its own in
     mlp_for = staticmethod(dense_mlp)
+    # whether a decode step can be captured as a CUDA graph (no host sync, no data-dependent shapes)
+    cuda_graphs = True
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None):
         super().__init__()

@@ -68,6 +68,7 @@ def qwen3_moe_mlp(cfg: ModelConfig, tp: TensorParallel, layer: int) -> nn.Module
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
     mlp_for = staticmethod(qwen3_moe_mlp)
+    cuda_graphs = False  # the experts a step hits are read back to the host (data-dependent shapes)
 
     def foreign(self, name: str) -> bool:
         # with expert parallelism, other ranks' experts are in the checkpoint but not in this shard

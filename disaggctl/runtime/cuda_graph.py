@@ -1,0 +1,145 @@
+"""Decode steps replayed as CUDA graphs, one per padded batch size.
+
+A decode step of a small model is hundreds of short kernels; launched one by one from Python the GPU
+waits on the host most of the step. Captured once per batch-size bucket and replayed, a step costs one
+launch. A graph replays fixed addresses, so every input lives in a static buffer that each step fills:
+token ids, positions, the slot each new key goes to, the block table and each sequence's key count. A
+batch smaller than its bucket is padded with rows of length 0: their keys go to a scratch page that no
+sequence owns, and the paged kernel returns zeros for them.
+
+Only pure decode steps of at most the largest bucket replay; a step with a prefill chunk, or a bigger
+batch, runs eagerly. Both paths use the same attention kernel (`triton_attention`), and a padded row
+never touches a real row's arithmetic, so a token comes out the same whichever path produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from disaggctl.runtime.attention import AttentionMeta
+
+log = logging.getLogger("disaggctl.runtime.cuda_graph")
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def buckets_for(max_batch: int) -> list[int]:
+    """The padded batch sizes to capture: powers of two below `max_batch`, and `max_batch` itself."""
+    sizes = [b for b in BUCKETS if b < max_batch]
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    """The captured decode steps of one rank's model (every rank of a TP server captures its shard)."""
+
+    def __init__(self, model, kv_cache, scale: float, max_batch: int, max_len: int, sample_rows: bool):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.scale = scale
+        self.page_size = page = kv_cache.page_size
+        self.sample_rows = sample_rows
+        self.sizes = buckets_for(max_batch)
+        self.width = -(-max_len // page)  # block-table columns: the pages of the longest sequence
+        dev = kv_cache.tensor.device
+        largest = self.sizes[-1]
+        scratch = kv_cache.scratch_page
+        if scratch is None:
+            raise ValueError("CUDA graphs need a KV pool with a scratch page for padding rows")
+        self.pad_slot = scratch * page
+        self.input_ids = torch.zeros(largest, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(largest, dtype=torch.long, device=dev)
+        self.slots = torch.full((largest,), self.pad_slot, dtype=torch.long, device=dev)
+        self.table = torch.zeros((largest, self.width), dtype=torch.int32, device=dev)
+        self.lens = torch.zeros(largest, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(largest, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor | None] = {}
+        self.pool = None
+        self.capture_s = 0.0
+        self.replays = 0
+
+    def _meta(self, size: int) -> AttentionMeta:
+        return AttentionMeta(
+            scale=self.scale,
+            page_size=self.page_size,
+            slot_mapping=self.slots[:size],
+            q_lens=[1] * size,
+            kv_lens=[0] * size,  # not read on this path: the kernel reads `decode_lens`
+            block_table=self.table[:size],
+            decode_table=self.table[:size],
+            decode_lens=self.lens[:size],
+        )
+
+    def _run(self, size: int):
+        rows = self.rows[:size] if self.sample_rows else None
+        return self.model(self.input_ids[:size], self.positions[:size], self.kv_cache, self._meta(size), rows)
+
+    def capture(self) -> None:
+        """Capture every bucket, largest first (its memory then serves the smaller ones from one pool)."""
+        began = time.perf_counter()
+        self.slots.fill_(self.pad_slot)
+        self.lens.zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):
+                for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels, outside capture
+                    self._run(size)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        for size in reversed(self.sizes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._run(size)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[size] = graph
+            self.outputs[size] = out
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - began
+        log.info(
+            "captured decode CUDA graphs for batch sizes %s in %.2f s",
+            ",".join(map(str, self.sizes)),
+            self.capture_s,
+        )
+
+    def fits(self, slices: list[tuple[int, int, list[int]]], logit_rows: list[int]) -> bool:
+        """Whether this step can replay: decode rows only, each one sampling, within the largest bucket."""
+        n = len(slices)
+        return (
+            0 < n <= self.sizes[-1]
+            and len(logit_rows) == n
+            and all(q == 1 and len(pages) <= self.width for q, _, pages in slices)
+        )
+
+    def replay(self, input_ids: list[int], positions: list[int], slices) -> torch.Tensor | None:
+        """Fill the static inputs, replay the bucket's graph; logits of the real rows (or None)."""
+        n = len(slices)
+        size = next(b for b in self.sizes if b >= n)
+        page = self.page_size
+        lens = np.fromiter((kv for _, kv, _ in slices), dtype=np.int32, count=n)
+        counts = np.fromiter((len(p) for _, _, p in slices), dtype=np.int64, count=n)
+        width = int(counts.max())
+        table = np.zeros((n, width), dtype=np.int32)
+        table[np.arange(width)[None, :] < counts[:, None]] = np.fromiter(
+            (p for _, _, pages in slices for p in pages), dtype=np.int32, count=int(counts.sum())
+        )
+        pos = np.asarray(positions, dtype=np.int64)
+        slots = table[np.arange(n), pos // page].astype(np.int64) * page + pos % page
+        # one host-to-device copy per buffer; the rows from n to the bucket's size keep padding
+        self.input_ids[:n].copy_(torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), non_blocking=True)
+        self.positions[:n].copy_(torch.from_numpy(pos), non_blocking=True)
+        self.slots[:n].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.table[:n, :width].copy_(torch.from_numpy(table), non_blocking=True)
+        self.lens[:n].copy_(torch.from_numpy(lens), non_blocking=True)
+        if size > n:  # rows a larger batch filled before: padding again
+            self.slots[n:size].fill_(self.pad_slot)
+            self.lens[n:size].zero_()
+        self.graphs[size].replay()
+        self.replays += 1
+        out = self.outputs[size]
+        return None if out is None else out[:n]

@@ -129,7 +129,12 @@ class ModelRunner:
         """Run one step: the KV of every token goes to this rank's pool; logits of `logit_rows` come back
         (fp32) when `sample_rows`, else None (ranks that do not sample skip the LM head)."""
         dev = self.device
-        if self.graphs is not None and self.graphs.fits(batch.slices, batch.logit_rows):
+        # a step with image embeddings runs eagerly: the graphs capture token embeddings only
+        if (
+            self.graphs is not None
+            and not batch.embed_rows
+            and self.graphs.fits(batch.slices, batch.logit_rows)
+        ):
             return self.graphs.replay(batch.input_ids, batch.positions, batch.slices)
         slices = [SeqSlice(q_len=q, kv_len=kv, pages=pages) for q, kv, pages in batch.slices]
         meta = build_meta(slices, self.kv_cache.page_size, self.scale, dev, paged_decode=self.paged_decode)

@@ -124,13 +124,13 @@ def test_up_refuses_what_the_embedded_runtime_cannot_run_before_starting_anythin
     topo = tmp_path / "tp.yaml"
     topo.write_text(
         "name: tp\nmodel: {path: builtin:tiny, multimodal: true}\n"
-        "hosts:\n  - {name: local, address: 127.0.0.1, gpus: 4}\n"
-        "encoder: {replicas: 1}\nprefill: {replicas: 1, tp: 2, ep: 2}\ndecode: {replicas: 1}\n"
+        "hosts:\n  - {name: local, address: 127.0.0.1, gpus: 5}\n"
+        "encoder: {replicas: 1, tp: 2}\nprefill: {replicas: 1, tp: 2, ep: 2}\ndecode: {replicas: 1}\n"
     )
     assert run(cli, "plan", str(topo)).returncode == 0  # it can be planned (and rendered for SGLang)
     res = run(cli, "up", str(topo))
     assert res.returncode == 2, res.stdout
-    assert f"{topo}:5: encoder: the embedded runtime has no encoder role" in res.stderr
+    assert f"{topo}:5: encoder.tp: an embedded encoder runs on one device" in res.stderr
     assert f"{topo}:6: prefill.ep: builtin:tiny is not a mixture-of-experts model" in res.stderr
     assert "prefill.tp" not in res.stderr  # tensor parallelism it serves
     assert not list(disaggctl_home.iterdir())  # no state, no run directory: nothing was started

@@ -537,6 +537,10 @@ def test_builtin_shapes_match_the_runtimes_builtin_models():
     assert set(BUILTIN_SHAPES) == {builtin.PREFIX + name for name in builtin.BUILTINS}
     tiny = builtin.TINY_CONFIG
     assert BUILTIN_SHAPES["builtin:tiny"] == {k: tiny[k] for k in BUILTIN_SHAPES["builtin:tiny"]}
+    from disaggctl.runtime.builtin_llava import config
+
+    text = config(1024)["text_config"]
+    assert BUILTIN_SHAPES["builtin:tiny-llava"] == {k: text[k] for k in BUILTIN_SHAPES["builtin:tiny-llava"]}
     # smollm2's config is written from its GGUF header (builtin.write_smollm2); read the same fields
     gguf = pytest.importorskip("gguf")
     try:

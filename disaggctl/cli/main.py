@@ -50,8 +50,9 @@ def serve(ctx: typer.Context, role: str = typer.Argument(..., help="|".join(SERV
 
         raise typer.Exit(runtime_main(role, argv))
     if role == "encoder":
-        typer.echo("error: the encoder role ships with EPD support, which this version does not include", err=True)
-        raise typer.Exit(2)
+        from disaggctl.runtime.vision.encoder_server import main as encoder_main
+
+        raise typer.Exit(encoder_main(argv))
     typer.echo(f"error: unknown role {role!r}; expected one of {', '.join(SERVE_ROLES)}", err=True)
     raise typer.Exit(2)
 

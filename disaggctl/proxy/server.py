@@ -49,6 +49,7 @@ from aiohttp import web
 from disaggctl import httpkit
 from disaggctl.httpkit import MAX_JSON_DEPTH
 from disaggctl.proxy.breaker import DEFAULT_COOLDOWN_S, DEFAULT_FAILURES, STATE_VALUES, Breaker
+from disaggctl.proxy.encode import EncodeFailed, EncodeStats, encode, images_of
 from disaggctl.proxy.policy import POLICIES, make_policy
 from disaggctl.proxy.workers import (
     NoHealthyWorker,
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--decode", action="append", default=[], metavar="URL", help="decode server (repeat)")
     ap.add_argument("--worker", action="append", default=[], metavar="URL", help="colocated server (repeat)")
+    ap.add_argument(
+        "--encoder", action="append", default=[], metavar="URL", help="vision encoder (repeat; EPD)"
+    )
     ap.add_argument("--health-interval", type=float, default=2.0, help="seconds between health probes")
     ap.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds a request may take end to end"
@@ -216,6 +220,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.prefill = [_url(ap, "--prefill", u) for u in args.prefill]
     args.decode = [_url(ap, "--decode", u) for u in args.decode]
     args.worker = [_url(ap, "--worker", u) for u in args.worker]
+    args.encoder = [_url(ap, "--encoder", u) for u in args.encoder]
     for flag, urls in (("--prefill", args.prefill), ("--decode", args.decode), ("--worker", args.worker)):
         dup = {u for u in urls if urls.count(u) > 1}
         if dup:
@@ -226,7 +231,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def load_key(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> DeploymentKey | None:
     """The deployment key from the environment. AuthError when PD mode has none, or it cannot be read."""
     key = DeploymentKey.from_env(environ)
-    if key is None and (args.prefill or args.decode):
+    if key is None and (args.prefill or args.decode or args.encoder):
         raise AuthError(
             "PD mode needs the deployment secret (workers refuse bootstrap requests without its proof) "
             f"and none was given: `disaggctl up` provides it ({ENV_FILE}); for a deployment started by "
@@ -249,6 +254,7 @@ class Proxy:
     retries: int = 0  # PD attempts sent again after a failure before the client's first byte
     not_retried: Counter = field(default_factory=Counter)  # one of NOT_RETRIED -> count
     duration_sum: float = 0.0
+    encode: EncodeStats = field(default_factory=EncodeStats)  # EPD: time the encoders took, apart
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -310,6 +316,8 @@ def _make_proxy(args: argparse.Namespace, key: DeploymentKey | None = None) -> P
             "prefill": Pool("prefill", prefills, make_policy(args.policy)),
             "decode": Pool("decode", [Worker(u, "decode") for u in args.decode], make_policy(args.policy)),
         }
+    if args.encoder:
+        pools["encoder"] = Pool("encoder", [Worker(u, "encoder") for u in args.encoder], make_policy(args.policy))
     return Proxy(args=args, pools=pools, key=key)
 
 
@@ -438,6 +446,10 @@ async def metrics(request: web.Request) -> web.Response:
     )
     for reason in NOT_RETRIED:
         lines.append(f'disaggctl_proxy_not_retried_total{{reason="{reason}"}} {px.not_retried[reason]}')
+    family("disaggctl_proxy_encode_seconds_sum", "counter", "EPD: time from sending images to the encoders to their last answer.")
+    lines.append(f"disaggctl_proxy_encode_seconds_sum {px.encode.seconds:.6f}")
+    family("disaggctl_proxy_encode_requests_total", "counter", "EPD: requests whose images went to the encoders.")
+    lines.append(f"disaggctl_proxy_encode_requests_total {px.encode.requests}")
     per_worker = (
         ("healthy", "gauge", "1 if the worker is in rotation.", lambda w: int(w.healthy)),
         ("in_flight", "gauge", "Requests sent to the worker and not finished.", lambda w: w.in_flight),
@@ -573,6 +585,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
             px.rejected[e.reason] += 1
             resp = json_error(str(e), e.status, "invalid_request_error")
             return resp
+        given_parts = body.pop("embed_parts", None)  # only the proxy names encoders to a worker
+        images = images_of(body) if "encoder" in px.pools else None
+        if images:
+            try:
+                body["embed_parts"] = await encode(px, px.pools["encoder"], body, images, px.encode)
+            except EncodeFailed as e:
+                resp = json_error(e.message, e.status, "invalid_request_error" if e.status < 500 else "proxy_error")
+                return resp
+        if images or given_parts is not None:
+            raw = json.dumps(body).encode()
         if px.pd:
             resp = await PDRequest(px, request, body).run()
         else:

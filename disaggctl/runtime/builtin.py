@@ -89,7 +89,7 @@ TINY_MOE_CONFIG = {
     "first_k_dense_replace": 1,
 }
 
-BUILTINS = ("tiny", "tiny-moe", "smollm2")
+BUILTINS = ("tiny", "tiny-moe", "smollm2", "tiny-llava")
 
 # `org/name` (disaggctl/launch/preflight.py has the same rule: it may not import the runtime)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -117,6 +117,10 @@ def resolve_model(path: str) -> str:
             return str(_cached(TINY_MOE_VERSION, write_tiny_moe))
         if name == "smollm2":
             return str(_cached(SMOLLM2_VERSION, write_smollm2))
+        if name == "tiny-llava":
+            from disaggctl.runtime.builtin_llava import TINY_LLAVA_VERSION, write_tiny_llava
+
+            return str(_cached(TINY_LLAVA_VERSION, write_tiny_llava))
         raise ModelError(
             f"unknown builtin model {path!r}; choose one of " + ", ".join(PREFIX + b for b in BUILTINS)
         )

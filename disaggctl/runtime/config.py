@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # architecture name -> family; the family decides the defaults that config.json leaves implicit
 ARCHITECTURES = {
@@ -19,6 +20,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "LlavaForConditionalGeneration": "llava",  # a vision tower in front of one of the above
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -77,6 +79,10 @@ class ModelConfig:
     @property
     def mla(self) -> bool:
         return self.kv_lora_rank > 0
+    # a vision-language model: the vision tower's settings (runtime.vision.config.VisionConfig); the fields
+    # above describe its language model
+    vision: Any = None
+    load_vision: bool = True  # False: build the language model only (the encoders run the vision tower)
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> ModelConfig:
@@ -88,6 +94,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, raw: dict, gen: dict | None = None, where: str = "config.json") -> ModelConfig:
         archs = raw.get("architectures") or []
+        if "LlavaForConditionalGeneration" in archs or raw.get("model_type") == "llava":
+            return _llava(cls, raw, gen, where)
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None and not archs:  # configs written without `architectures`
             arch = {a.removesuffix("ForCausalLM").lower(): a for a in ARCHITECTURES}.get(
@@ -156,6 +164,28 @@ class ModelConfig:
                 f"num_key_value_heads {cfg.num_kv_heads}"
             )
         return cfg
+
+
+def _llava(cls, raw: dict, gen: dict | None, where: str) -> ModelConfig:
+    """A LLaVA checkpoint: its text_config read as a plain decoder, plus the vision settings."""
+    from disaggctl.runtime.vision.config import llava_vision
+
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"{where}: a LLaVA config needs a text_config object")
+    try:
+        vision = llava_vision(raw, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    # the eos and bos ids of a LLaVA checkpoint live at the top level (or in generation_config.json)
+    text = {
+        **{k: raw[k] for k in ("eos_token_id", "bos_token_id") if k in raw},
+        **{k: v for k, v in text.items() if v is not None},
+    }
+    text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+    cfg = cls.from_hf_dict(text, gen, where=f"{where} (text_config)")
+    cfg.vision = vision
+    return cfg
 
 
 def _moe(cfg: ModelConfig, raw: dict, get) -> None:
@@ -280,6 +310,7 @@ class EngineConfig:
     tp_size: int = 1  # tensor-parallel ranks of this server (one process each)
     ep_size: int = 1  # 1: experts split like the dense MLP; tp_size: whole experts spread over the ranks
     moe_a2a_backend: str = "none"  # mooncake: the ranks' collectives over Mooncake's process group
+    vision: bool = True  # load a multimodal model's vision tower (False: the encoders run it)
     dist_timeout_s: float = 120.0  # bound on every collective: a dead rank fails its peers, never hangs them
     cuda_graph: bool = True  # replay decode steps as CUDA graphs (CUDA with Triton, dense models)
 

@@ -24,6 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -66,6 +67,7 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     mode: str = "normal"
     on_event: Callable[[RequestEvent], None] | None = None
+    embeds: Any = None  # vision.embeds.ImageEmbeds: image embeddings in place of the image tokens
 
     def __post_init__(self):
         if self.rid is None:
@@ -82,6 +84,10 @@ class Engine:
         self.dtype = config.resolve_dtype(self.device)
         self.model_config = ModelConfig.from_hf_dir(config.model)
         mc = self.model_config
+        if mc.vision is not None:
+            mc.load_vision = config.vision
+            if config.tp_size > 1:
+                raise ConfigError(f"{config.model}: a vision-language model runs with tp_size 1 only")
         max_len = config.max_model_len or mc.max_position_embeddings
         if mc.sliding_window:
             max_len = min(max_len, mc.sliding_window)
@@ -275,8 +281,14 @@ class Engine:
 
     def _forward(self, rows: list[tuple[Sequence, int]]):
         ids, positions, slices, logit_rows, samplers = [], [], [], [], []
+        embed_rows, embeds = [], []
         for seq, n in rows:
             start = seq.num_computed
+            mm = getattr(seq.request, "embeds", None)
+            if mm is not None:  # the image tokens of this chunk take the image's embeddings
+                offsets, values = mm.within(start, n)
+                embed_rows += [len(ids) + o for o in offsets]
+                embeds.append(values)
             ids += seq.tokens[start : start + n]
             positions += range(start, start + n)
             slices.append((n, start + n, list(seq.pages)))
@@ -286,6 +298,8 @@ class Engine:
         if not logit_rows:  # only partial prefill chunks: no logits needed, but the KV still is
             logit_rows = [len(ids) - 1]
         batch = StepBatch(ids, positions, slices, logit_rows)
+        if embed_rows:
+            batch.embed_rows, batch.embeds = embed_rows, torch.cat(embeds)
         if self.ranks is not None:
             self.ranks.step(batch)  # the other ranks run the same step and meet us in its all-reduces
         logits = self.runner.forward(batch)

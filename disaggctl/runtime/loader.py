@@ -39,33 +39,39 @@ def load_model(
     device: str,
     cfg: ModelConfig | None = None,
     tp: TensorParallel | None = None,
+    cls=None,
 ):
     """The model (this rank's shard of it with tensor parallelism) with its weights, cast to `dtype`, on
-    `device`, in eval mode. Each rank reads only its slices of the split tensors."""
+    `device`, in eval mode. Each rank reads only its slices of the split tensors. `cls`: another class than
+    the config's (a multimodal model's vision part alone, for an encoder)."""
     from safetensors import safe_open
 
     path = Path(path)
     cfg = cfg or ModelConfig.from_hf_dir(path)
     tp = tp or TensorParallel()
     with torch.device("meta"):
-        model = model_class(cfg)(cfg, tp)
+        model = (cls or model_class(cfg))(cfg, tp)
     wanted = dict(model.state_dict())
+    # a model whose checkpoint spells its tensors several ways says which spelling it uses
+    rename = getattr(model, "checkpoint_name", lambda n: n)
+    lm_head = getattr(model, "lm_head_name", "lm_head.weight")
     if cfg.tie_word_embeddings:
-        wanted.pop("lm_head.weight")
+        wanted.pop(lm_head, None)
     # tensors the model keeps in fp32 whatever the dtype (DeepSeek's router: its choices are that sensitive)
     fp32 = getattr(model, "fp32_params", ())
     params: dict[str, torch.Tensor] = {}
     unexpected = []
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            for stored in f.keys():
+                name = rename(stored)
+                if name.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == lm_head):
                     continue
                 if name not in wanted:
                     if not model.foreign(name):
                         unexpected.append(name)
                     continue
-                piece = f.get_slice(name)
+                piece = f.get_slice(stored)
                 full = tuple(piece.get_shape())
                 try:
                     t = shard(name, piece, full, tp)

@@ -31,6 +31,8 @@ class StepBatch:
     positions: list[int]
     slices: list[tuple[int, int, list[int]]]  # (q_len, kv_len, pages) per sequence
     logit_rows: list[int]
+    embed_rows: list[int] | None = None  # rows whose input is an embedding (image tokens), not a token's
+    embeds: torch.Tensor | None = None  # [len(embed_rows), hidden]
 
 
 @dataclass
@@ -119,17 +121,26 @@ class ModelRunner:
         """Run one step: the KV of every token goes to this rank's pool; logits of `logit_rows` come back
         (fp32) when `sample_rows`, else None (ranks that do not sample skip the LM head)."""
         dev = self.device
-        if self.graphs is not None and self.graphs.fits(batch.slices, batch.logit_rows):
+        # a step with image embeddings runs eagerly: the graphs capture token embeddings only
+        if (
+            self.graphs is not None
+            and not batch.embed_rows
+            and self.graphs.fits(batch.slices, batch.logit_rows)
+        ):
             return self.graphs.replay(batch.input_ids, batch.positions, batch.slices)
         slices = [SeqSlice(q_len=q, kv_len=kv, pages=pages) for q, kv, pages in batch.slices]
         meta = build_meta(slices, self.kv_cache.page_size, self.scale, dev, paged_decode=self.paged_decode)
         rows = torch.tensor(batch.logit_rows, device=dev) if sample_rows else None
+        extra = {}
+        if batch.embed_rows:
+            extra["embeds"] = (torch.tensor(batch.embed_rows, device=dev), batch.embeds.to(dev))
         return self.model(
             torch.tensor(batch.input_ids, device=dev),
             torch.tensor(batch.positions, device=dev),
             self.kv_cache,
             meta,
             rows,
+            **extra,
         )
 
     # -- transfer ---------------------------------------------------------------------------------------

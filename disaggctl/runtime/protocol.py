@@ -35,6 +35,8 @@ GENERATE_KEYS = {
     "bootstrap_port",
     "bootstrap_room",
     "model",
+    "image_data",
+    "embed_parts",
 }
 # Keys of the OpenAI APIs that are accepted and ignored, or accepted only at their neutral value.
 OPENAI_COMMON = {
@@ -50,7 +52,9 @@ OPENAI_COMMON = {
     "user",
 }
 OPENAI_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "echo": False, "best_of": 1}
-BOOTSTRAP_KEYS = {"bootstrap_host", "bootstrap_port", "bootstrap_room"}  # added by the PD proxy
+# added by the PD proxy; `embed_parts` (EPD) names the encoders holding a request's image embeddings
+BOOTSTRAP_KEYS = {"bootstrap_host", "bootstrap_port", "bootstrap_room", "embed_parts"}
+IMAGE_PLACEHOLDER = "<image>"  # what an image part of a chat message becomes in the prompt text
 EXTENSION_KEYS = {"ignore_eos", "stop_token_ids", "skip_special_tokens", "rid"} | BOOTSTRAP_KEYS
 COMPLETION_KEYS = OPENAI_COMMON | EXTENSION_KEYS | set(OPENAI_NEUTRAL) | {"prompt", "max_tokens", "logprobs"}
 CHAT_KEYS = (
@@ -113,6 +117,9 @@ class Job:
     bootstrap_room: int | None = None
     body: dict = field(default_factory=dict)
     prompt_ids: list[int] = field(default_factory=list)  # set by the server after tokenizing
+    images: list[str] | None = None  # image references (data URL, base64, URL, path), in prompt order
+    embed_parts: list[dict] | None = None  # EPD: which encoder holds which images' embeddings
+    mm: Any = None  # vision.embeds.ImageEmbeds, set by the server before the job runs
 
 
 def parse_json(raw: bytes) -> dict:
@@ -255,12 +262,22 @@ def parse_generate(body: dict) -> Job:
     job.stream = _bool("stream", body.get("stream", False))
     job.rid = _rid(body.get("rid"))
     job.model = body.get("model")
+    if body.get("image_data") is not None:
+        images = body["image_data"]
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+            raise InvalidRequest("'image_data' must be a string or a non-empty list of strings")
+        job.images = images
     _bootstrap(job, body)
     return job
 
 
 def _bootstrap(job: Job, body: dict) -> None:
     present = [k for k in ("bootstrap_host", "bootstrap_port", "bootstrap_room") if body.get(k) is not None]
+    if body.get("embed_parts") is not None:
+        from disaggctl.runtime.vision.inputs import parse_embed_parts
+
+        job.embed_parts = parse_embed_parts(body["embed_parts"])
     if not present:
         return
     if len(present) != 3:
@@ -327,13 +344,15 @@ def parse_chat(body: dict) -> Job:
     _no_logprobs(body)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     job = Job(api="chat", sampling=_sampling(body, key), body=body)
-    job.messages = _messages(body.get("messages"))
+    images: list[str] = []
+    job.messages = _messages(body.get("messages"), images)
+    job.images = images or None
     _openai_common(job, body)
     _bootstrap(job, body)
     return job
 
 
-def _messages(v: Any) -> list[dict]:
+def _messages(v: Any, images: list[str] | None = None) -> list[dict]:
     if not isinstance(v, list) or not v:
         raise InvalidRequest("'messages' must be a non-empty list")
     out = []
@@ -346,15 +365,23 @@ def _messages(v: Any) -> list[dict]:
                 f"messages[{i}].role must be system, user, assistant or tool, got {json.dumps(role)}"
             )
         content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is supported
+        if isinstance(content, list):  # content parts: text, and images where the caller takes them
             texts = []
             for part in content:
+                if images is not None and isinstance(part, dict) and part.get("type") == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str) or not url:
+                        raise InvalidRequest(f"messages[{i}].content: an image_url part needs a url")
+                    images.append(url)
+                    texts.append(IMAGE_PLACEHOLDER)
+                    continue
                 if (
                     not isinstance(part, dict)
                     or part.get("type") != "text"
                     or not isinstance(part.get("text"), str)
                 ):
-                    raise InvalidRequest(f"messages[{i}].content: only text parts are supported")
+                    raise InvalidRequest(f"messages[{i}].content: only text and image_url parts are supported")
                 texts.append(part["text"])
             content = "".join(texts)
         if not isinstance(content, str):

@@ -71,6 +71,7 @@ class Role:
                 sampling=engine_sampling(job, eos_token_ids),
                 mode=mode,
                 on_event=stream.on_event,
+                embeds=job.mm,
             )
         )
         return stream
@@ -100,6 +101,9 @@ def make_engine(args, model_dir: str, transfer=None):
         "ep_size": getattr(args, "ep_size", None),
         "moe_a2a_backend": getattr(args, "moe_a2a_backend", None),
         "cuda_graph": getattr(args, "cuda_graph", True),
+        # a decode takes the KV of image tokens, and a server with encoders their embeddings: neither
+        # runs the vision tower
+        "vision": not getattr(args, "encoder_peer", None) and not hasattr(args, "prefill_bootstrap"),
     }
     # Options left out on the command line take the engine's defaults.
     config = EngineConfig(model=model_dir, **{k: v for k, v in given.items() if v is not None})

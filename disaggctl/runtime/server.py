@@ -125,6 +125,17 @@ def build_parser(role: str) -> argparse.ArgumentParser:
             metavar="HOST:PORT",
             help="a prefill bootstrap of this deployment (repeat): the only ones this decode contacts",
         )
+    ap.add_argument(
+        "--allowed-local-media-path", default=None, help="directory that local image files may be read from"
+    )
+    if role in ("prefill", "colocated"):
+        ap.add_argument(
+            "--encoder-peer",
+            action="append",
+            default=[],
+            metavar="NAME=URL",
+            help="an encoder of this deployment (repeat): image embeddings come from these; the vision tower is not loaded",
+        )
     if role in ("prefill", "decode"):
         ap.add_argument("--advertise-host", default=None, help="address peers use to reach this process")
         ap.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma", "nvlink"])
@@ -178,6 +189,7 @@ class ServerState:
     vocab_size: int = 0
     page_size: int = 0
     load_error: str | None = None
+    vision: object | None = None  # vision.inputs.VisionInputs of a multimodal model
     max_body_bytes: int = MAX_BODY_BYTES
     stopping: bool = False
     counters: Counters = field(default_factory=Counters)
@@ -205,7 +217,24 @@ def create_app(state: ServerState) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/internal/kv_layout", kv_layout)
+    app.router.add_get("/internal/embed_layout", embed_layout)
     return app
+
+
+async def embed_layout(request: web.Request) -> web.Response:
+    """EPD: where encoders write this server's image embeddings (signed both ways, like kv_layout)."""
+    st: ServerState = request.app[STATE]
+    layout = getattr(st.vision, "layout", None)
+    if st.key is None or layout is None:
+        return json_error("this server takes no embeddings from encoders", 404)
+    try:
+        check_proof(st, request, b"")
+    except InvalidRequest as e:
+        return web.json_response(e.body(), status=e.status)
+    from disaggctl.runtime.vision.handoff import LAYOUT_PATH, signed_json
+
+    data, headers = signed_json(st.key, LAYOUT_PATH, 200, layout.to_dict())
+    return web.Response(body=data, headers=headers)
 
 
 def check_proof(st: ServerState, request: web.Request, raw: bytes) -> None:
@@ -364,6 +393,10 @@ async def _read_job(request: web.Request, parse) -> Job:
             job.prompt_ids = list(job.input_ids)
     except ValueError as e:  # tokenizer errors (no chat template, template failure) are the client's
         raise InvalidRequest(str(e)) from e
+    if job.images or job.embed_parts:
+        if st.vision is None:
+            raise InvalidRequest(f"model {st.model_name!r} does not take images")
+        await st.vision.prepare(job)
     check_prompt(job.prompt_ids, st.vocab_size, st.max_model_len, job.sampling)
     st.role.check(job)
     job.rid = job.rid or uuid.uuid4().hex
@@ -675,11 +708,21 @@ def load(st: ServerState, model_dir: str):
     except BaseException:
         engine.stop()
         raise
+    if engine.model_config.vision is not None:
+        from disaggctl.runtime.vision.inputs import VisionInputs
+
+        try:
+            st.vision = VisionInputs(st.role_name, engine, model_dir, st.args, st.key)
+        except BaseException:
+            engine.stop()
+            raise
     st.tokenizer = tok
     st.max_model_len = engine.config.max_model_len
     st.vocab_size = engine.model_config.vocab_size
     st.page_size = st.args.page_size
     st.max_body_bytes = body_limit(st.max_model_len, tok.max_token_bytes)
+    if st.vision is not None:  # images travel inline, base64
+        st.max_body_bytes = MAX_BODY_BYTES
     return role
 
 

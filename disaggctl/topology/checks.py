@@ -36,9 +36,15 @@ def _model_config(topology: Topology) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
+# built-in models with a vision tower (disaggctl/runtime/builtin.py makes them)
+BUILTIN_MULTIMODAL = ("builtin:tiny-llava",)
+
+
 def _multimodal(topology: Topology) -> bool:
     if topology.model.multimodal != "auto":
         return bool(topology.model.multimodal)
+    if topology.model.path in BUILTIN_MULTIMODAL:
+        return True
     return "vision_config" in (_model_config(topology) or {})
 
 
@@ -49,6 +55,7 @@ BUILTIN_SHAPES: dict[str, dict[str, int]] = {
     "builtin:tiny": {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 192},
     "builtin:tiny-moe": {"num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128},
     "builtin:smollm2": {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536},
+    "builtin:tiny-llava": {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128},
 }
 # (experts, moe_intermediate_size) of the built-in mixture-of-experts models
 BUILTIN_EXPERTS: dict[str, tuple[int, int]] = {"builtin:tiny-moe": (8, 32)}
@@ -173,8 +180,10 @@ def check_launchable(topology: Topology, source: str) -> None:
     hosts = {h.name: h for h in topology.hosts}
     rej = Rejections()
     for role_name, role in topology.roles():
-        if role_name == "encoder":
-            rej.add((role_name,), "the embedded runtime has no encoder role yet; use engine: sglang for EPD")
+        if role_name == "encoder" and not topology.prefill:
+            rej.add((role_name,), "the embedded runtime runs encoders in front of prefill + decode (EPD) only")
+        if role_name == "encoder" and role.tp > 1:
+            rej.add((role_name, "tp"), "an embedded encoder runs on one device (tp: 1)")
         # rank r of a server runs on the r-th GPU of its CUDA_VISIBLE_DEVICES: fewer GPUs than ranks
         # would leave the last ranks without a device
         on_gpus = any(hosts[n].gpus > 0 for n in (role.hosts or list(hosts)) if n in hosts)

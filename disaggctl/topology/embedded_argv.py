@@ -28,6 +28,11 @@ def _peer_args(p: ProcessSpec, procs: list[ProcessSpec]) -> list[str]:
         for q in procs:
             if q.role == "decode":
                 argv += ["--decode-peer", f"{q.name}={q.url}"]
+    # EPD: a prefill takes embeddings from these encoders only; an encoder writes into these prefills only
+    peer_of = {"prefill": ("encoder", "--encoder-peer"), "encoder": ("prefill", "--prefill-peer")}
+    if p.role in peer_of:
+        role, flag = peer_of[p.role]
+        argv += [a for q in procs if q.role == role for a in (flag, f"{q.name}={q.url}")]
     return argv
 
 
@@ -43,6 +48,7 @@ def embedded_argv(
         argv += ["--ep-size", str(p.ep)]
     if role.moe_a2a_backend == "mooncake":
         argv += ["--moe-a2a-backend", "mooncake"]
+    kv_knobs = p.role != "encoder"  # an encoder has no KV pool and no context
     for flag, value in (
         ("--page-size", role.page_size),
         ("--max-pages", role.max_pages),
@@ -51,13 +57,13 @@ def embedded_argv(
         ("--max-model-len", m.max_model_len),
         ("--served-model-name", m.served_name),
     ):
-        if value is not None:
+        if value is not None and (kv_knobs or flag == "--max-batch"):
             argv += [flag, str(value)]
-    if role.cuda_graph is False:
+    if role.cuda_graph is False and kv_knobs:
         argv.append("--no-cuda-graph")
     if p.role == "prefill":
         argv += ["--bootstrap-port", str(p.bootstrap_port)]
-    if p.role in ("prefill", "decode"):
+    if p.role in ("prefill", "decode", "encoder"):
         # Mooncake names each side by this address: the peer must reach it even when binding 0.0.0.0.
         argv += ["--advertise-host", p.address]
         argv += ["--transfer-protocol", protocol]

@@ -369,6 +369,7 @@ def _proxy_process(topology: Topology, proxy_host: str, python: str, procs: list
     pargv = sglang.proxy_argv(topology, python, pbind, workers) if topology.engine == "sglang" else None
     if pargv is None:
         pargv = builtin_proxy_argv(python, pbind, topology.proxy.port, topology.proxy, workers)
+        pargv += [a for p in procs if p.role == "encoder" for a in ("--encoder", p.url)]
     return ProcessSpec(
         name="proxy",
         role="proxy",

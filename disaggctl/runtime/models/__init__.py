@@ -11,6 +11,10 @@ from disaggctl.runtime.config import ARCHITECTURES, ConfigError, ModelConfig
 
 def model_class(cfg: ModelConfig):
     """The class that implements `cfg.architecture` (imported on demand: it pulls in torch)."""
+    if getattr(cfg, "vision", None) is not None:
+        from disaggctl.runtime.models.llava import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
     if cfg.family in ("llama", "qwen2", "qwen3"):
         from disaggctl.runtime.models.llama import LlamaForCausalLM
 

@@ -269,12 +269,16 @@ class LlamaForCausalLM(nn.Module):
         kv_cache,
         meta: AttentionMeta,
         logit_rows: torch.Tensor | None,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Logits (fp32, [len(logit_rows), vocab]) of the given rows; KV of every token goes to `kv_cache`
-        (a `KVCache`). `logit_rows` None: the KV only (ranks that do not sample)."""
+        (a `KVCache`). `logit_rows` None: the KV only (ranks that do not sample). `embeds` (rows, values):
+        input embeddings that replace those rows' token embeddings (a multimodal model's image tokens)."""
         if not self.fused:
             self.fuse_projections()
         h = self.model.embed_tokens(input_ids)
+        if embeds is not None:
+            h = h.index_copy(0, embeds[0], embeds[1].to(h.dtype))
         cos, sin = self.rope(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, kv_cache.k(i), kv_cache.v(i), meta)

@@ -212,6 +212,15 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
 
                 unmerged = per_page_batches(src, contiguous_src, dst, contiguous_dst)
 
+                # where the time between raw and merged goes: the agent's worker thread, or the list
+                def raw_via_agent(n=nbytes):
+                    agent.write(peer, [src.base_ptr], [dst.base_ptr], [n])
+
+                def merged_direct(s=contiguous_src, d=contiguous_dst, t=tokens):
+                    for a, b, n in zip(*kv_write_batches(src, s, dst, d, t), strict=True):
+                        if agent.engine.transfer_sync_write(peer, a, b, n) != 0:
+                            raise SystemExit("Mooncake write failed")
+
                 def per_page(batches=unmerged):
                     agent.write(peer, *batches)
 
@@ -231,6 +240,9 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
                     ),
                     ("per-page", len(unmerged[0]), per_page, max(3, args.reps // 2)),
                 ]
+                if args.diagnose:
+                    cases += [("raw-agent", 1, raw_via_agent, args.reps)]
+                    cases += [("merged-direct", cases[1][1], merged_direct, args.reps)]
                 medians = interleaved_medians(cases)
                 # a transport that reports success without moving the bytes would make every number a lie
                 merged()
@@ -310,6 +322,11 @@ def main() -> None:
         default="page",
         choices=["page", "layer"],
         help="pool order: page-major (the runtime's) or layer-major ([layers, 2, pages, ...])",
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also time raw bytes through the agent and merged ranges written on this thread",
     )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)

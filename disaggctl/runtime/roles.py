@@ -83,11 +83,9 @@ class Role:
         self.engine.stop()
 
 
-def make_engine(args, model_dir: str, transfer=None):
-    """The engine for a server's command line (not started); `transfer`: the ranks' Mooncake settings
-    (`model_runner.TransferSettings`) for the PD roles."""
+def engine_config(args, model_dir: str):
+    """The EngineConfig of a server's command line; options left out take the engine's defaults."""
     from disaggctl.runtime.config import EngineConfig
-    from disaggctl.runtime.engine import Engine
 
     given = {
         "dtype": args.dtype,
@@ -105,9 +103,15 @@ def make_engine(args, model_dir: str, transfer=None):
         # runs the vision tower
         "vision": not getattr(args, "encoder_peer", None) and not hasattr(args, "prefill_bootstrap"),
     }
-    # Options left out on the command line take the engine's defaults.
-    config = EngineConfig(model=model_dir, **{k: v for k, v in given.items() if v is not None})
-    return Engine(config, transfer=transfer)
+    return EngineConfig(model=model_dir, **{k: v for k, v in given.items() if v is not None})
+
+
+def make_engine(args, model_dir: str, transfer=None):
+    """The engine for a server's command line (not started); `transfer`: the ranks' Mooncake settings
+    (`model_runner.TransferSettings`) for the PD roles."""
+    from disaggctl.runtime.engine import Engine
+
+    return Engine(engine_config(args, model_dir), transfer=transfer)
 
 
 class EngineStream:

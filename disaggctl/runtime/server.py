@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from disaggctl import __version__, httpkit
+from disaggctl.runtime.config import ConfigError, EngineConfig
 from disaggctl.runtime.protocol import (
     BOOTSTRAP_KEYS,
     InvalidRequest,
@@ -63,7 +64,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     )
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help=f"tokens per KV page (default: the engine's, {EngineConfig.page_size})",
+    )
     ap.add_argument(
         "--max-pages", type=int, default=None, help="KV pages in the pool (default: sized by the engine)"
     )
@@ -149,10 +155,13 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(f"--port must be in 1..65535, got {args.port}")
     if getattr(args, "bootstrap_port", None) is not None and not 0 < args.bootstrap_port < 65536:
         ap.error(f"--bootstrap-port must be in 1..65535, got {args.bootstrap_port}")
-    for name in ("page_size", "max_pages", "max_batch", "chunk_size", "max_model_len", "tp_size", "ep_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    from disaggctl.runtime.roles import engine_config
+
+    # the engine's own check of its knobs, here so that a bad one is a usage error before any model load
+    try:
+        engine_config(args, args.model).validate(spell=lambda name: "--" + name.replace("_", "-"))
+    except ConfigError as e:
+        ap.error(str(e))
     if getattr(args, "transfer_timeout", 1.0) <= 0:
         ap.error("--transfer-timeout must be > 0")
     if args.sse_keepalive <= 0:
@@ -187,7 +196,7 @@ class ServerState:
     tokenizer: object | None = None
     max_model_len: int = 0
     vocab_size: int = 0
-    page_size: int = 0
+    page_size: int | None = None  # the engine's, once loaded
     load_error: str | None = None
     vision: object | None = None  # vision.inputs.VisionInputs of a multimodal model
     max_body_bytes: int = MAX_BODY_BYTES
@@ -284,7 +293,7 @@ async def server_info(request: web.Request) -> web.Response:
             "model": st.model_name,
             "model_path": st.args.model,
             "role": st.role_name,
-            "page_size": st.page_size or st.args.page_size,
+            "page_size": st.page_size,
             "max_model_len": st.max_model_len,
             "vocab_size": st.vocab_size,
             "version": __version__,
@@ -719,7 +728,7 @@ def load(st: ServerState, model_dir: str):
     st.tokenizer = tok
     st.max_model_len = engine.config.max_model_len
     st.vocab_size = engine.model_config.vocab_size
-    st.page_size = st.args.page_size
+    st.page_size = engine.config.page_size
     st.max_body_bytes = body_limit(st.max_model_len, tok.max_token_bytes)
     if st.vision is not None:  # images travel inline, base64
         st.max_body_bytes = MAX_BODY_BYTES

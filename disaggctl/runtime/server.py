@@ -150,31 +150,34 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     return ap
 
 
-def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not 0 < args.port < 65536:
-        ap.error(f"--port must be in 1..65535, got {args.port}")
-    if getattr(args, "bootstrap_port", None) is not None and not 0 < args.bootstrap_port < 65536:
-        ap.error(f"--bootstrap-port must be in 1..65535, got {args.bootstrap_port}")
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, role: str) -> None:
+    """What argparse cannot check, before anything is loaded; `args` is `build_parser(role)`'s, so a
+    role's own options are checked under the same role test that adds them."""
+    from disaggctl.runtime.disagg import decode_peers, prefill_bootstraps
     from disaggctl.runtime.roles import engine_config
 
+    if not 0 < args.port < 65536:
+        ap.error(f"--port must be in 1..65535, got {args.port}")
     # the engine's own check of its knobs, here so that a bad one is a usage error before any model load
     try:
-        engine_config(args, args.model).validate(spell=lambda name: "--" + name.replace("_", "-"))
+        engine_config(role, args, args.model).validate(spell=lambda name: "--" + name.replace("_", "-"))
     except ConfigError as e:
         ap.error(str(e))
-    if getattr(args, "transfer_timeout", 1.0) <= 0:
-        ap.error("--transfer-timeout must be > 0")
     if args.sse_keepalive <= 0:
         ap.error("--sse-keepalive must be > 0")
-    if getattr(args, "max_open_rooms", None) is not None and args.max_open_rooms < 1:
-        ap.error("--max-open-rooms must be >= 1")
-    from disaggctl.runtime.disagg import decode_peers, prefill_bootstraps
-
     try:
-        decode_peers(getattr(args, "decode_peer", None))
-        prefill_bootstraps(getattr(args, "prefill_bootstrap", None))
+        if role == "prefill":
+            if not 0 < args.bootstrap_port < 65536:
+                ap.error(f"--bootstrap-port must be in 1..65535, got {args.bootstrap_port}")
+            if args.max_open_rooms is not None and args.max_open_rooms < 1:
+                ap.error("--max-open-rooms must be >= 1")
+            decode_peers(args.decode_peer)
+        if role == "decode":
+            prefill_bootstraps(args.prefill_bootstrap)
     except ValueError as e:
         ap.error(str(e))
+    if role in ("prefill", "decode") and args.transfer_timeout <= 0:
+        ap.error("--transfer-timeout must be > 0")
 
 
 @dataclass
@@ -710,7 +713,7 @@ def load(st: ServerState, model_dir: str):
     transfer = None
     if st.role_name in ("prefill", "decode"):
         transfer = TransferConfig.from_args(st.args).settings()
-    engine = make_engine(st.args, model_dir, transfer)
+    engine = make_engine(st.role_name, st.args, model_dir, transfer)
     engine.start()
     try:
         role = ROLES[st.role_name].create(engine, tok, st.args, key=st.key)
@@ -859,7 +862,7 @@ def main(role: str, argv: list[str]) -> int:
     ap = build_parser(role)
     try:
         args = ap.parse_args(argv)
-        check_args(ap, args)
+        check_args(ap, args, role)
     except SystemExit as e:  # argparse already printed the usage and the message
         return int(e.code or 0)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {role} %(levelname)s %(message)s")

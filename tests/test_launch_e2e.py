@@ -98,6 +98,8 @@ def test_up_status_again_logs_down(cli, deployed, disaggctl_home):
     procs = {p["name"]: p for p in doc["processes"]}
     assert set(procs) == {"colocated-0", "proxy"}
     assert doc["healthy"] and all(p["alive"] and p["healthy"] for p in procs.values())
+    # only a prefill or decode hands KV off, so only they report quarantined pages
+    assert all(p["kv_pages_quarantined"] is None for p in procs.values())
 
     # the printed curl works against the proxy
     curl = next(line for line in res.stdout.splitlines() if "curl -s" in line)

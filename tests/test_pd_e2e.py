@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -370,6 +371,18 @@ def test_prefill_frozen_then_killed(deploy):
 
         m = wait_for(settled, 30, "the decode to settle the failed hand-off")
         assert m["kv_pages_quarantined"] > 0
+
+        # `status` shows them per worker, as the workers report them (the quarantine lasts 30 s)
+        procs = {p["name"]: p for p in json.loads(d.run("status", "--json").stdout)["processes"]}
+        for name in ("decode-0", "prefill-1"):
+            assert procs[name]["kv_pages_quarantined"] == metrics(d.url(name))["kv_pages_quarantined"]
+        assert procs["decode-0"]["kv_pages_quarantined"] > 0
+        assert procs[victim]["kv_pages_quarantined"] is None  # frozen: no health, so not asked
+        assert procs["proxy"]["kv_pages_quarantined"] is None
+        lines = d.run("status").stdout.splitlines()
+        header = [c.strip() for c in re.split("[│┃]", next(x for x in lines if "KV quarantined" in x))]
+        row = [c.strip() for c in re.split("[│┃]", next(x for x in lines if "decode-0" in x))]
+        assert row[header.index("KV quarantined")] == str(procs["decode-0"]["kv_pages_quarantined"])
     finally:
         os.killpg(proc_pid(d, victim), signal.SIGKILL)
     wait_for(

@@ -457,7 +457,23 @@ def test_bad_command_lines(cli, tmp_path):
         (["serve", "colocated", "--model", "builtin:huge"], "unknown builtin model"),
         (["serve", "colocated", "--model", str(tmp_path / "none")], "does not exist"),
         (["serve", "colocated"], "--model"),
-        (["serve", "colocated", "--model", "builtin:tiny", "--page-size", "0"], "--page-size must be >= 1"),
+        (
+            ["serve", "colocated", "--model", "builtin:tiny", "--page-size", "0"],
+            "--page-size must be a positive",
+        ),
+        # the engine's knobs are checked before the model is even looked for
+        (
+            ["serve", "colocated", "--model", str(tmp_path / "none"), "--page-size", "-1"],
+            "--page-size must be",
+        ),
+        (
+            ["serve", "colocated", "--model", "builtin:tiny", "--device", "tpu"],
+            "--device 'tpu' is not one of",
+        ),
+        (
+            ["serve", "colocated", "--model", "builtin:tiny", "--tp-size", "2", "--ep-size", "3"],
+            "--ep-size must be 1",
+        ),
         (["serve", "colocated", "--model", "builtin:tiny", "--port", "70000"], "--port must be in 1..65535"),
     ]
     for argv, message in cases:

@@ -584,6 +584,25 @@ def test_timeout_reaches_sglang_when_the_topology_sets_it(tmp_path):
     assert d.env["SGLANG_DISAGGREGATION_WAITING_TIMEOUT"] == "900"  # the role's env has the last word
 
 
+@pytest.mark.parametrize("timeout_s, protocol, mc_timeout", [(2, "tcp", "5"), (45.5, "rdma", "46")])
+def test_sglang_and_the_embedded_runtime_get_one_mooncake_environment(
+    tmp_path, timeout_s, protocol, mc_timeout
+):
+    # the SGLang server's rendered MC_* and what the embedded runtime sets in its own process agree,
+    # Mooncake's 5 s floor for MC_TRANSFER_TIMEOUT included
+    from disaggctl.transfer import mooncake
+
+    plan = plan_of(
+        tmp_path,
+        f"name: g\nengine: sglang\nmodel: {{path: m/m}}\ntransfer: {{protocol: {protocol}, timeout_s: {timeout_s}}}\n"
+        "prefill: {}\ndecode: {}\n",
+    )
+    rendered = {k: v for k, v in plan.process("prefill-0").env.items() if k.startswith("MC_")}
+    runtime = mooncake.transport_env(protocol, timeout_s, {})
+    assert rendered == {k: v for k, v in runtime.items() if v is not None}
+    assert rendered["MC_TRANSFER_TIMEOUT"] == mc_timeout  # Mooncake would raise 2 s to 5 s itself
+
+
 def test_only_transferring_processes_get_the_transfer_environment(tmp_path):
     colocated = plan_of(tmp_path, "name: g\nengine: sglang\nmodel: {path: m/m}\ncolocated: {replicas: 2}\n")
     assert all(p.env == {"PYTHONUNBUFFERED": "1"} for p in colocated.processes)

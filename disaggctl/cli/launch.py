@@ -328,6 +328,14 @@ def _keeper_view(rec: Any, alive: bool | None, now: float) -> tuple[str, str]:
     return ("running" if alive else "dead" if alive is False else "unknown"), ""
 
 
+def _quarantined(pages: int | None) -> str:
+    """Pages held back after failed hand-offs: a few are normal after a peer failed; they return to the
+    pool when the quarantine ends."""
+    if pages is None:
+        return "-"
+    return f"[yellow]{pages}[/]" if pages else "0"
+
+
 def status(
     name: Annotated[str | None, typer.Argument(help="Deployment name (default: the only one).")] = None,
     name_opt: Annotated[str | None, typer.Option("--name", help="Deployment name.")] = None,
@@ -362,6 +370,7 @@ def status(
                     "healthy": r.healthy,
                     "health": r.health.detail if r.health else ("dead" if r.alive is False else "unknown"),
                     "http_status": r.health.status if r.health else None,
+                    "kv_pages_quarantined": r.pages_quarantined,
                     "uptime_s": round(now - rec.started_at, 1) if r.alive else None,
                     "log_path": rec.log_path,
                     "error": r.error or None,
@@ -408,6 +417,7 @@ def status(
             "pid",
             "alive",
             "health",
+            "KV quarantined",
             "restarts",
             "uptime",
         )
@@ -436,6 +446,7 @@ def status(
                 str(rec.pid),
                 alive,
                 hl,
+                _quarantined(r.pages_quarantined),
                 f"{rec.restarts}" + (f" ({policy})" if policy else ""),
                 _uptime(now - rec.started_at) if r.alive else "-",
             )
@@ -451,6 +462,7 @@ def status(
                 str(k.pid),
                 "[green]yes[/]" if keeper.alive else "[red]no[/]",
                 f"[green]{keeper.health.detail}[/]" if keeper.alive else f"[red]{keeper.health.detail}[/]",
+                "-",
                 "-",
                 _uptime(now - k.started_at) if keeper.alive else "-",
             )

@@ -36,6 +36,8 @@ DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_GRACE_S = 20.0
 POLL_S = 0.5
 LOG_TAIL = 20
+# the embedded runtime's gauge of KV pages held back after a failed hand-off (runtime/server.py, metrics)
+QUARANTINED_METRIC = "disaggctl_kv_pages_quarantined"
 
 Report = Callable[[str, str], None]  # (process name, what is happening to it)
 
@@ -73,6 +75,9 @@ class ProcStatus:
     alive: bool | None  # None: the host could not be asked
     health: health.Health | None
     error: str = ""
+    # KV pages a prefill/decode holds back after failed hand-offs, from its /metrics; None where the
+    # worker does not expose them (SGLang, other roles) or is not healthy
+    pages_quarantined: int | None = None
 
     @property
     def healthy(self) -> bool:
@@ -484,7 +489,11 @@ def status(st: DeploymentState, timeout_s: float = health.DEFAULT_TIMEOUT_S) -> 
     def one(item: tuple[ProcRecord, bool | None, str]) -> ProcStatus:
         rec, alive, err = item
         h = health.probe(rec.url, rec.health_path, timeout_s) if alive else None
-        return ProcStatus(rec, alive, h, err)
+        quarantined = None
+        if h is not None and h.ok and rec.role in ("prefill", "decode"):
+            value = health.metric(rec.url, QUARANTINED_METRIC, timeout_s)
+            quarantined = int(value) if value is not None else None
+        return ProcStatus(rec, alive, h, err, quarantined)
 
     alive = _probe_alive(st, backends)
     if not alive:

@@ -8,6 +8,7 @@ everything is resolved here once and the model code only reads plain fields.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class ModelConfig:
     @property
     def mla(self) -> bool:
         return self.kv_lora_rank > 0
+
     # a vision-language model: the vision tower's settings (runtime.vision.config.VisionConfig); the fields
     # above describe its language model
     vision: Any = None
@@ -299,6 +301,9 @@ class EngineConfig:
     model: str
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda when available
+    # The one default of the embedded runtime's page size: `serve --page-size` and a topology's `page_size`
+    # leave it unset unless given. 16 tokens: small enough that the last, partly filled page of a request
+    # wastes little, large enough that a hand-off moves few, long ranges (one write range per page and layer).
     page_size: int = 16
     max_pages: int | None = None  # default: memory_fraction of the free memory (capped on CPU)
     memory_fraction: float = 0.85  # of the device memory left after the weights, for the KV pool
@@ -314,32 +319,40 @@ class EngineConfig:
     dist_timeout_s: float = 120.0  # bound on every collective: a dead rank fails its peers, never hangs them
     cuda_graph: bool = True  # replay decode steps as CUDA graphs (CUDA with Triton, dense models)
 
-    def validate(self) -> None:
+    def validate(self, spell: Callable[[str], str] = str) -> None:
+        """The one check of the engine's knobs, for an Engine built in code and for the server's command
+        line alike (which runs it before loading anything); `spell` names a knob in the messages
+        (`--page-size` on the command line)."""
         if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+            raise ConfigError(f"{spell('dtype')} {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device {self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+            raise ConfigError(
+                f"{spell('device')} {self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)"
+            )
         for name in ("page_size", "max_batch", "chunk_size", "tp_size", "ep_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{spell(name)} must be a positive integer, got {value!r}")
         for name in ("max_pages", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{spell(name)} must be a positive integer, got {value!r}")
         if self.ep_size not in (1, self.tp_size):
             raise ConfigError(
-                f"ep_size must be 1 or the tp_size ({self.tp_size}): experts are spread over the server's ranks, "
-                f"got {self.ep_size}"
+                f"{spell('ep_size')} must be 1 or the {spell('tp_size')} ({self.tp_size}): experts are spread "
+                f"over the server's ranks, got {self.ep_size}"
             )
         if self.moe_a2a_backend not in ("none", "mooncake"):
-            raise ConfigError(f"moe_a2a_backend must be none or mooncake, got {self.moe_a2a_backend!r}")
+            raise ConfigError(
+                f"{spell('moe_a2a_backend')} must be none or mooncake, got {self.moe_a2a_backend!r}"
+            )
         if self.moe_a2a_backend == "mooncake" and self.ep_size == 1:
             raise ConfigError(
-                "moe_a2a_backend mooncake exchanges tokens between expert-parallel ranks; set ep_size"
+                f"{spell('moe_a2a_backend')} mooncake exchanges tokens between expert-parallel ranks; "
+                f"set {spell('ep_size')}"
             )
         if not 0.0 < self.memory_fraction <= 1.0:
-            raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+            raise ConfigError(f"{spell('memory_fraction')} must be in (0, 1], got {self.memory_fraction}")
 
     def resolve_device(self) -> str:
         import torch

@@ -54,7 +54,7 @@ class TransferConfig:
 
     @classmethod
     def from_args(cls, args) -> TransferConfig:
-        advertise = getattr(args, "advertise_host", None) or args.host
+        advertise = args.advertise_host or args.host
         if advertise in ("0.0.0.0", "::", ""):
             raise ValueError(f"--host {args.host} is not an address peers can reach; give --advertise-host")
         return cls(
@@ -63,6 +63,7 @@ class TransferConfig:
             protocol=args.transfer_protocol,
             ib_device=args.ib_device or "",
             timeout_s=args.transfer_timeout,
+            # the prefill's parser and the decode's differ in these (server.build_parser)
             bootstrap_port=getattr(args, "bootstrap_port", None),
             decode_peers=decode_peers(getattr(args, "decode_peer", None)),
             prefill_bootstraps=prefill_bootstraps(getattr(args, "prefill_bootstrap", None)),

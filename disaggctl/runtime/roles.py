@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from disaggctl.runtime.protocol import Job
+
+if TYPE_CHECKING:
+    from disaggctl.runtime.engine import RequestEvent
 
 
 @dataclass
@@ -83,11 +87,10 @@ class Role:
         self.engine.stop()
 
 
-def make_engine(args, model_dir: str, transfer=None):
-    """The engine for a server's command line (not started); `transfer`: the ranks' Mooncake settings
-    (`model_runner.TransferSettings`) for the PD roles."""
+def engine_config(role: str, args, model_dir: str):
+    """The EngineConfig of a `role` server's command line (server.build_parser); options left out take
+    the engine's defaults."""
     from disaggctl.runtime.config import EngineConfig
-    from disaggctl.runtime.engine import Engine
 
     given = {
         "dtype": args.dtype,
@@ -97,17 +100,23 @@ def make_engine(args, model_dir: str, transfer=None):
         "max_batch": args.max_batch,
         "chunk_size": args.chunk_size,
         "max_model_len": args.max_model_len,
-        "tp_size": getattr(args, "tp_size", None),
-        "ep_size": getattr(args, "ep_size", None),
-        "moe_a2a_backend": getattr(args, "moe_a2a_backend", None),
-        "cuda_graph": getattr(args, "cuda_graph", True),
+        "tp_size": args.tp_size,
+        "ep_size": args.ep_size,
+        "moe_a2a_backend": args.moe_a2a_backend,
+        "cuda_graph": args.cuda_graph,
         # a decode takes the KV of image tokens, and a server with encoders their embeddings: neither
-        # runs the vision tower
-        "vision": not getattr(args, "encoder_peer", None) and not hasattr(args, "prefill_bootstrap"),
+        # runs the vision tower (only prefill and colocated parsers have --encoder-peer)
+        "vision": role != "decode" and not args.encoder_peer,
     }
-    # Options left out on the command line take the engine's defaults.
-    config = EngineConfig(model=model_dir, **{k: v for k, v in given.items() if v is not None})
-    return Engine(config, transfer=transfer)
+    return EngineConfig(model=model_dir, **{k: v for k, v in given.items() if v is not None})
+
+
+def make_engine(role: str, args, model_dir: str, transfer=None):
+    """The engine for a `role` server's command line (not started); `transfer`: the ranks' Mooncake
+    settings (`model_runner.TransferSettings`) for the PD roles."""
+    from disaggctl.runtime.engine import Engine
+
+    return Engine(engine_config(role, args, model_dir), transfer=transfer)
 
 
 class EngineStream:
@@ -128,15 +137,14 @@ class EngineStream:
         return await self._queue.get()
 
 
-def to_token_event(ev) -> TokenEvent:
+def to_token_event(ev: RequestEvent) -> TokenEvent:
     """The engine's RequestEvent, as the server sees it."""
-    error = getattr(ev, "error", None)
-    reason = getattr(ev, "finish_reason", None)
+    error, reason = ev.error, ev.finish_reason
     return TokenEvent(
-        token_ids=list(getattr(ev, "token_ids", None) or []),
-        finished=bool(getattr(ev, "finished", False) or reason is not None or error is not None),
+        token_ids=list(ev.token_ids),
+        finished=ev.finished or reason is not None or error is not None,
         finish_reason=reason if reason is not None else ("abort" if error is not None else None),
-        matched=getattr(ev, "matched", None),
+        matched=ev.matched,
         error=str(error) if error is not None else None,
     )
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from disaggctl import __version__, httpkit
+from disaggctl.runtime.config import ConfigError, EngineConfig
 from disaggctl.runtime.protocol import (
     BOOTSTRAP_KEYS,
     InvalidRequest,
@@ -63,7 +64,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     )
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help=f"tokens per KV page (default: the engine's, {EngineConfig.page_size})",
+    )
     ap.add_argument(
         "--max-pages", type=int, default=None, help="KV pages in the pool (default: sized by the engine)"
     )
@@ -144,28 +150,34 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     return ap
 
 
-def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, role: str) -> None:
+    """What argparse cannot check, before anything is loaded; `args` is `build_parser(role)`'s, so a
+    role's own options are checked under the same role test that adds them."""
+    from disaggctl.runtime.disagg import decode_peers, prefill_bootstraps
+    from disaggctl.runtime.roles import engine_config
+
     if not 0 < args.port < 65536:
         ap.error(f"--port must be in 1..65535, got {args.port}")
-    if getattr(args, "bootstrap_port", None) is not None and not 0 < args.bootstrap_port < 65536:
-        ap.error(f"--bootstrap-port must be in 1..65535, got {args.bootstrap_port}")
-    for name in ("page_size", "max_pages", "max_batch", "chunk_size", "max_model_len", "tp_size", "ep_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if getattr(args, "transfer_timeout", 1.0) <= 0:
-        ap.error("--transfer-timeout must be > 0")
+    # the engine's own check of its knobs, here so that a bad one is a usage error before any model load
+    try:
+        engine_config(role, args, args.model).validate(spell=lambda name: "--" + name.replace("_", "-"))
+    except ConfigError as e:
+        ap.error(str(e))
     if args.sse_keepalive <= 0:
         ap.error("--sse-keepalive must be > 0")
-    if getattr(args, "max_open_rooms", None) is not None and args.max_open_rooms < 1:
-        ap.error("--max-open-rooms must be >= 1")
-    from disaggctl.runtime.disagg import decode_peers, prefill_bootstraps
-
     try:
-        decode_peers(getattr(args, "decode_peer", None))
-        prefill_bootstraps(getattr(args, "prefill_bootstrap", None))
+        if role == "prefill":
+            if not 0 < args.bootstrap_port < 65536:
+                ap.error(f"--bootstrap-port must be in 1..65535, got {args.bootstrap_port}")
+            if args.max_open_rooms is not None and args.max_open_rooms < 1:
+                ap.error("--max-open-rooms must be >= 1")
+            decode_peers(args.decode_peer)
+        if role == "decode":
+            prefill_bootstraps(args.prefill_bootstrap)
     except ValueError as e:
         ap.error(str(e))
+    if role in ("prefill", "decode") and args.transfer_timeout <= 0:
+        ap.error("--transfer-timeout must be > 0")
 
 
 @dataclass
@@ -187,7 +199,7 @@ class ServerState:
     tokenizer: object | None = None
     max_model_len: int = 0
     vocab_size: int = 0
-    page_size: int = 0
+    page_size: int | None = None  # the engine's, once loaded
     load_error: str | None = None
     vision: object | None = None  # vision.inputs.VisionInputs of a multimodal model
     max_body_bytes: int = MAX_BODY_BYTES
@@ -284,7 +296,7 @@ async def server_info(request: web.Request) -> web.Response:
             "model": st.model_name,
             "model_path": st.args.model,
             "role": st.role_name,
-            "page_size": st.page_size or st.args.page_size,
+            "page_size": st.page_size,
             "max_model_len": st.max_model_len,
             "vocab_size": st.vocab_size,
             "version": __version__,
@@ -701,7 +713,7 @@ def load(st: ServerState, model_dir: str):
     transfer = None
     if st.role_name in ("prefill", "decode"):
         transfer = TransferConfig.from_args(st.args).settings()
-    engine = make_engine(st.args, model_dir, transfer)
+    engine = make_engine(st.role_name, st.args, model_dir, transfer)
     engine.start()
     try:
         role = ROLES[st.role_name].create(engine, tok, st.args, key=st.key)
@@ -719,7 +731,7 @@ def load(st: ServerState, model_dir: str):
     st.tokenizer = tok
     st.max_model_len = engine.config.max_model_len
     st.vocab_size = engine.model_config.vocab_size
-    st.page_size = st.args.page_size
+    st.page_size = engine.config.page_size
     st.max_body_bytes = body_limit(st.max_model_len, tok.max_token_bytes)
     if st.vision is not None:  # images travel inline, base64
         st.max_body_bytes = MAX_BODY_BYTES
@@ -850,7 +862,7 @@ def main(role: str, argv: list[str]) -> int:
     ap = build_parser(role)
     try:
         args = ap.parse_args(argv)
-        check_args(ap, args)
+        check_args(ap, args, role)
     except SystemExit as e:  # argparse already printed the usage and the message
         return int(e.code or 0)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {role} %(levelname)s %(message)s")

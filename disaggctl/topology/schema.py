@@ -95,6 +95,9 @@ class Role(Strict):
     extra_args: list[str] = []
     env: dict[str, str] = {}
     # embedded runtime knobs (unset: the engine's default)
+    # unset: the engine's own (the embedded runtime's one default is EngineConfig.page_size; SGLang picks
+    # by attention backend). Checked here as the file's type, at plan time; EngineConfig.validate is the
+    # runtime's one check, which a server's command line passes before loading anything.
     page_size: int | None = Field(None, ge=1)
     max_pages: int | None = Field(None, ge=1)
     max_batch: int | None = Field(None, ge=1)

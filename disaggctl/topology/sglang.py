@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from disaggctl.mooncake_env import mooncake_env
 from disaggctl.topology.nics import gpu_nics
 from disaggctl.topology.sglang_args import PINNED_SGLANG, check_command, version_key
 
@@ -97,26 +98,17 @@ def transfer_env(p: ProcessSpec, topology: Topology, procs: list[ProcessSpec]) -
     if not transfers(p, procs):
         return {}
     t = topology.transfer
-    seconds = str(max(1, math.ceil(t.timeout_s)))
-    env = {
-        "MC_TRANSFER_TIMEOUT": seconds,
-        "MC_TCP_PROGRESS_TIMEOUT_SEC": seconds,
-        "MC_TCP_STATUS_TIMEOUT_SEC": seconds,
-        "MC_LOG_LEVEL": "WARNING",
-    }
+    transport = t.protocol
+    pool = None
+    if t.protocol == "nvlink":
+        one_host = len({q.host for q in procs if transfers(q, procs)}) == 1
+        transport, pool = ("nvlink", "INTRA_NODE_NVLINK") if one_host else ("mnnvl", "NVLINK")
+    # None means "leave unset": the server inherits its environment, we only add to it
+    env = {k: v for k, v in mooncake_env(transport, t.timeout_s).items() if v is not None}
+    if pool:
+        env["SGLANG_MOONCAKE_CUSTOM_MEM_POOL"] = pool
     if "timeout_s" in t.model_fields_set:
-        env.update(dict.fromkeys(SGLANG_TIMEOUTS, seconds))
-    if t.protocol == "tcp":
-        env["MC_FORCE_TCP"] = "1"
-    elif t.protocol == "rdma":
-        env["MC_FORCE_HCA"] = "1"
-    elif t.protocol == "nvlink":
-        if len({q.host for q in procs if transfers(q, procs)}) == 1:
-            env["SGLANG_MOONCAKE_CUSTOM_MEM_POOL"] = "INTRA_NODE_NVLINK"
-            env["MC_INTRANODE_NVLINK"] = "1"
-        else:
-            env["SGLANG_MOONCAKE_CUSTOM_MEM_POOL"] = "NVLINK"
-            env["MC_FORCE_MNNVL"] = "1"
+        env.update(dict.fromkeys(SGLANG_TIMEOUTS, str(math.ceil(t.timeout_s))))
     return env
 
 

@@ -9,7 +9,6 @@ A deadline that fires does not stop the C++ call: the bytes may still land later
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +17,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
+from disaggctl.mooncake_env import LOG_LEVEL, mooncake_env
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("tcp", "rdma", "nvlink", "auto")
@@ -25,8 +26,6 @@ INSTALL_HINT = (
     "pip install mooncake-transfer-engine-non-cuda (or mooncake-transfer-engine on CUDA machines) "
     "and apt install libibverbs1 libnuma1"
 )
-# Mooncake clamps its transfer timeout to at least this many seconds.
-_MC_MIN_TIMEOUT_S = 5
 # Mooncake adds 1 ns per byte to its transfer timeout; our deadline follows the same rule.
 _SECONDS_PER_BYTE = 1e-9
 # Grace on top of Mooncake's own timeout, so its clearer -1 normally wins over our deadline.
@@ -60,7 +59,7 @@ class TransferError(RuntimeError):
 def load_engine_module() -> Any:
     """Import `mooncake.engine`, turning the usual import failures into one actionable message."""
     # glog reads its level at import time, so this must precede the import.
-    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("MC_LOG_LEVEL", LOG_LEVEL)
     try:
         import mooncake.engine as engine_module
     except ImportError as exc:
@@ -79,7 +78,8 @@ def rdma_devices() -> list[str]:
 
 
 def select_transport(protocol: str, ib_device: str | None, nvlink_supported: bool) -> str:
-    """The transport Mooncake will pick for `protocol` once `transport_env` is applied.
+    """The transport Mooncake will pick for `protocol` once `transport_env` is applied ("tcp", "rdma"
+    or "nvlink", one host's GPUs).
 
     Mooncake chooses its transport from the environment and the NICs it finds, not from the
     protocol string, so we decide here and set the environment to match.
@@ -112,19 +112,10 @@ def select_transport(protocol: str, ib_device: str | None, nvlink_supported: boo
 def transport_env(
     transport: str, timeout_s: float, environ: Mapping[str, str] | None = None
 ) -> dict[str, str | None]:
-    """The MC_* changes for `transport` and `timeout_s`: name -> value, or None to unset (pure)."""
+    """The MC_* changes for `transport` and `timeout_s`: name -> value, or None to unset (pure).
+    An MC_LOG_LEVEL already in the environment stays."""
     current = os.environ if environ is None else environ
-    whole = str(max(1, math.ceil(timeout_s)))
-    return {
-        "MC_TRANSFER_TIMEOUT": str(max(_MC_MIN_TIMEOUT_S, math.ceil(timeout_s))),
-        "MC_TCP_PROGRESS_TIMEOUT_SEC": whole,
-        "MC_TCP_STATUS_TIMEOUT_SEC": whole,
-        "MC_LOG_LEVEL": current.get("MC_LOG_LEVEL", "WARNING"),
-        # Legacy framing drops rejected writes silently; never let it leak in from the environment.
-        "MC_TCP_PROTO": None,
-        "MC_FORCE_TCP": "1" if transport == "tcp" else None,
-        "MC_INTRANODE_NVLINK": "1" if transport == "nvlink" else None,
-    }
+    return mooncake_env(transport, timeout_s, current.get("MC_LOG_LEVEL", LOG_LEVEL))
 
 
 def apply_env(changes: Mapping[str, str | None]) -> None:

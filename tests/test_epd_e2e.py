@@ -17,8 +17,10 @@ import sys
 import threading
 import urllib.request
 import zlib
+from pathlib import Path
 
 import pytest
+import yaml
 from conftest import wait_for
 from hf_reference import IMAGE_TOKEN, hf_llava_greedy, save_random_llava, tiny_tokenizer_dir
 from test_bench_e2e import run_bench
@@ -237,14 +239,39 @@ def image_server():
         s.close()
 
 
+class ExampleEpd(Deployment):
+    """topologies/local-epd.yaml as shipped (1 encoder -> 1P -> 1D on builtin:tiny-llava), but for free
+    ports, this interpreter, a private model cache, and a keeper that restarts a killed process at once."""
+
+    def __init__(self, cli, home: Path, tmp: Path, cache: Path):
+        raw = yaml.safe_load((Path(__file__).parent.parent / "topologies" / "local-epd.yaml").read_text())
+        raw["hosts"][0]["python"] = sys.executable
+        raw["encoder"]["port"] = free_block(1)
+        raw["prefill"].update(port=free_block(1), bootstrap_port=free_block(1))
+        raw["decode"]["port"] = free_block(1)
+        raw["proxy"]["port"] = port = free_block(1)
+        raw["keeper"] = {"backoff_s": 0, "backoff_max_s": 1}
+        self.cli = cli
+        self.env = {**os.environ, "DISAGGCTL_HOME": str(home), "DISAGGCTL_CACHE": str(cache)}
+        self.proxy = f"http://127.0.0.1:{port}"
+        self.file = tmp / "local-epd.yaml"
+        self.file.write_text(yaml.safe_dump(raw))
+        self.model = raw["model"]["path"]
+
+
 @pytest.fixture(scope="module")
-def epd1(tmp_path_factory, llava):
-    """1 encoder -> 1P -> 1D; the keeper restarts a killed encoder without delay."""
+def epd1(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("epd1")
-    home = tmp / "home"
-    home.mkdir()
-    keeper = "keeper: {backoff_s: 0, backoff_max_s: 1}\n"
-    d = EpdDeployment([sys.executable, "-m", "disaggctl"], home, tmp, llava, encoders=1, extra=keeper)
+    (tmp / "home").mkdir()
+    d = ExampleEpd([sys.executable, "-m", "disaggctl"], tmp / "home", tmp, tmp / "cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DISAGGCTL_CACHE", str(tmp / "cache"))
+    try:
+        from disaggctl.runtime.builtin import resolve_model
+
+        d.model_dir = resolve_model(d.model)  # generated once, before the processes look for it
+    finally:
+        mp.undo()
     try:
         d.up()
         yield d
@@ -258,7 +285,8 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def test_one_encoder_equals_transformers_by_data_and_by_url(epd1, llava, image_server):
+def test_one_encoder_equals_transformers_by_data_and_by_url(epd1, image_server):
+    """local-epd.yaml comes up and answers image requests with transformers' tokens on its checkpoint."""
     a, b = random_image(36, 44, seed=11), random_image(32, 32, seed=12)
     image_server.images["b.png"] = png_bytes(b)
     text = f"x {IMAGE_TOKEN} y {IMAGE_TOKEN}"
@@ -271,7 +299,7 @@ def test_one_encoder_equals_transformers_by_data_and_by_url(epd1, llava, image_s
         },
     )
     assert status == 200, (body, epd1.logs())
-    assert body["output_ids"] == reference(llava, text, [a, b], chat=False)
+    assert body["output_ids"] == reference(epd1.model_dir, text, [a, b], chat=False)
 
 
 def test_oversized_images_are_400_end_to_end(epd1, image_server):
@@ -338,7 +366,7 @@ def test_bench_image_requests_report_encoder_time(epd1, tmp_path):
         assert "Encoder time" in stdout
 
 
-def test_encoder_killed_inside_encode_fails_that_request_only(epd1, llava, image_server):
+def test_encoder_killed_inside_encode_fails_that_request_only(epd1, image_server):
     """The encoder is killed while it fetches an image (the test's server holds the fetch): that request
     fails with an error naming the encoder; once the keeper has restarted it, requests succeed again."""
     enc_url = epd1.url("encoder-0")
@@ -381,7 +409,7 @@ def test_encoder_killed_inside_encode_fails_that_request_only(epd1, llava, image
         epd1.proxy + "/generate", {"text": text, "image_data": png_b64(img), "sampling_params": sampling()}
     )
     assert status == 200, (body, epd1.logs())
-    assert body["output_ids"] == reference(llava, text, [img], chat=False)
+    assert body["output_ids"] == reference(epd1.model_dir, text, [img], chat=False)
 
 
 def _status(d: Deployment) -> dict:

@@ -606,6 +606,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
             try:
                 body["embed_parts"] = await encode(px, px.pools["encoder"], body, images, px.encode)
                 request[ENCODE_SECONDS] = time.perf_counter() - t_enc
+                # the workers need the images' count only, which embed_parts carries: not megabytes of
+                # base64 to sign, send and parse twice more (chat keeps its parts: they place the images)
+                body.pop("image_data", None)
             except EncodeFailed as e:
                 resp = json_error(e.message, e.status, "invalid_request_error" if e.status < 500 else "proxy_error")
                 return resp

@@ -34,6 +34,7 @@ from disaggctl.runtime.vision.images import (
     ImageSource,
     read_image,
 )
+from disaggctl.trust import HEADER
 
 N = 6
 
@@ -75,10 +76,15 @@ def reference(model_dir: str, text: str, images: list, chat: bool) -> list[int]:
 
 
 class EpdDeployment(Deployment):
-    def __init__(self, cli, home, tmp, model: str, encoders: int, extra: str = ""):
+    """`encoders` -> 1P -> 1D on `model`, with embedding buffers of the sizes the topology sets."""
+
+    def __init__(self, cli, home, tmp, model: str, encoders: int, buffer_mb: int = 2):
         super().__init__(cli, home, tmp, model, 1, 1, timeout_s=10)
-        enc = f"encoder: {{replicas: {encoders}, port: {free_block(encoders)}}}\n"
-        self.file.write_text(self.file.read_text().replace("prefill:", extra + enc + "prefill:", 1))
+        enc = f"encoder: {{replicas: {encoders}, port: {free_block(encoders)}, embed_buffer_mb: {buffer_mb + 1}}}\n"
+        text = self.file.read_text().replace(
+            "prefill: {", f"{enc}prefill: {{embed_buffer_mb: {buffer_mb}, ", 1
+        )
+        self.file.write_text(text)
 
 
 @pytest.fixture
@@ -112,6 +118,14 @@ def test_epd_equals_transformers_and_survives_a_dead_encoder(epd, llava):
     text_m = urllib_metrics(epd.proxy)
     assert all(text_m[("served", u)] >= 1 for u in enc_urls), text_m
     assert text_m["encode_requests"] == 1
+
+    # the prefill registered the embedding buffer the topology asked for (embed_buffer_mb: 2)
+    key, path = epd.key(), "/internal/embed_layout"
+    req = urllib.request.Request(epd.url("prefill-0") + path, headers=key.headers("GET", path))
+    with urllib.request.urlopen(req, timeout=10) as r:
+        layout = r.read()
+        key.verify_answer(path, r.status, layout, r.headers.get(HEADER))
+    assert json.loads(layout)["size"] == 2 << 20
 
     # OpenAI chat with a data URL
     chat_text = f"{IMAGE_TOKEN} what is it?"

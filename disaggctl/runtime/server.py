@@ -136,6 +136,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
             metavar="NAME=URL",
             help="an encoder of this deployment (repeat): image embeddings come from these; the vision tower is not loaded",
         )
+        ap.add_argument(
+            "--embed-buffer-mb",
+            type=int,
+            default=64,
+            help="with --encoder-peer: registered memory the encoders write image embeddings into (MiB)",
+        )
     if role in ("prefill", "decode"):
         ap.add_argument("--advertise-host", default=None, help="address peers use to reach this process")
         ap.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma", "nvlink"])
@@ -159,6 +165,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error("--sse-keepalive must be > 0")
     if getattr(args, "max_open_rooms", None) is not None and args.max_open_rooms < 1:
         ap.error("--max-open-rooms must be >= 1")
+    if getattr(args, "embed_buffer_mb", 1) < 1:
+        ap.error(f"--embed-buffer-mb must be >= 1, got {args.embed_buffer_mb}")
     from disaggctl.runtime.disagg import decode_peers, prefill_bootstraps
 
     try:

@@ -102,16 +102,23 @@ SHAPES = {
 }
 
 
-def make_pool(shape: Shape, pages: int, device: str) -> torch.Tensor:
-    dims = (shape.layers, 2, pages, shape.page_size, shape.kv_heads, shape.head_dim)
-    pool = torch.empty(dims, dtype=shape.torch_dtype, device=device)
+def make_pool(shape: Shape, pages: int, device: str, page_major: bool) -> torch.Tensor:
+    """A pool in the runtime's page-major order ([pages, layers, 2, ...]) or the layer-major one."""
+    order = (pages, shape.layers, 2) if page_major else (shape.layers, 2, pages)
+    pool = torch.empty(
+        (*order, shape.page_size, shape.kv_heads, shape.head_dim), dtype=shape.torch_dtype, device=device
+    )
     pool.view(torch.uint8).random_(0, 256)
     return pool
 
 
-def pages_digest(pool: torch.Tensor, first_page: int, pages: int, tokens: int) -> str:
+def layer_major(pool: torch.Tensor, page_major: bool) -> torch.Tensor:
+    return pool.permute(1, 2, 0, 3, 4, 5) if page_major else pool
+
+
+def pages_digest(pool: torch.Tensor, first_page: int, pages: int, tokens: int, page_major: bool) -> str:
     """Hash of the first `tokens` tokens of every layer's K and V held in pages first_page.. (in order)."""
-    part = pool[:, :, first_page : first_page + pages]
+    part = layer_major(pool, page_major)[:, :, first_page : first_page + pages]
     part = part.reshape(part.shape[0], 2, -1, *part.shape[-2:])[:, :, :tokens]
     return hashlib.sha1(part.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
 
@@ -120,9 +127,10 @@ def serve(args: argparse.Namespace) -> None:
     """Child process: the decode-side pool. Answers `digest FIRST PAGES TOKENS` lines until `exit`."""
     shape = SHAPES[args.shape]
     agent = make_agent(args)
-    pool = make_pool(shape, args.pool_pages, args.serve_device)
+    page_major = args.layout == "page"
+    pool = make_pool(shape, args.pool_pages, args.serve_device, page_major)
     agent.register(pool.data_ptr(), pool.numel() * pool.element_size())
-    hello = {"session_id": agent.session_id, "layout": KvLayout.from_tensor(pool).to_dict()}
+    hello = {"session_id": agent.session_id, "layout": KvLayout.from_tensor(pool, page_major).to_dict()}
     print(json.dumps(hello), flush=True)
     for line in sys.stdin:
         words = line.split()
@@ -130,7 +138,7 @@ def serve(args: argparse.Namespace) -> None:
             break
         if pool.is_cuda:  # a GPU-side copy may still be in flight on another stream
             torch.cuda.synchronize(pool.device)
-        print(pages_digest(pool, *map(int, words[1:4])), flush=True)
+        print(pages_digest(pool, *map(int, words[1:4]), page_major), flush=True)
     agent.close()
 
 
@@ -164,7 +172,7 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
     pool_pages = 2 * max_pages + DST_FIRST_PAGE
     child_args = [sys.executable, __file__, "--serve", "--shape", shape.name, "--pool-pages", str(pool_pages)]
     child_args += ["--serve-device", args.peer_device or args.device, "--protocol", args.protocol]
-    child_args += ["--hostname", args.hostname, "--timeout", str(args.timeout)]
+    child_args += ["--hostname", args.hostname, "--timeout", str(args.timeout), "--layout", args.layout]
     if args.ib_device:
         child_args += ["--ib-device", args.ib_device]
     child = subprocess.Popen(child_args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -175,9 +183,10 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
             raise SystemExit(f"receiver for {shape.name} did not start (exit code {child.poll()})")
         hello = json.loads(line)
         peer, dst = hello["session_id"], KvLayout.from_dict(hello["layout"])
-        pool = make_pool(shape, pool_pages, args.device)
+        page_major = args.layout == "page"
+        pool = make_pool(shape, pool_pages, args.device, page_major)
         agent.register(pool.data_ptr(), pool.numel() * pool.element_size())
-        src = KvLayout.from_tensor(pool)
+        src = KvLayout.from_tensor(pool, page_major)
         rng = random.Random(0)
         rows = []
         try:
@@ -227,12 +236,13 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
                 merged()
                 child.stdin.write(f"digest {DST_FIRST_PAGE} {pages} {tokens}\n")
                 child.stdin.flush()
-                if child.stdout.readline().strip() != pages_digest(pool, 0, pages, tokens):
+                if child.stdout.readline().strip() != pages_digest(pool, 0, pages, tokens, page_major):
                     raise SystemExit(f"{shape.name}, {tokens} tokens: the peer's pages differ after a write")
                 raw_s = medians["raw"]
                 for case, entries, _, reps in cases:
                     seconds = medians[case]
-                    # per-page moves whole pages, the others only the used part of the last one.
+                    # per-page moves whole pages; for the others the prompt's bytes count (a page-major
+                    # pool's last page goes whole, its unused tail is not counted as work done)
                     moved = len(unmerged[0]) * src.page_bytes if case == "per-page" else nbytes
                     rows.append(
                         {
@@ -295,6 +305,12 @@ def main() -> None:
     parser.add_argument("--ib-device", help="RDMA NIC(s), e.g. mlx5_0")
     parser.add_argument("--hostname", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--layout",
+        default="page",
+        choices=["page", "layer"],
+        help="pool order: page-major (the runtime's) or layer-major ([layers, 2, pages, ...])",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pool-pages", type=int, help=argparse.SUPPRESS)

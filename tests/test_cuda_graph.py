@@ -18,13 +18,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("lens", [[1, 17, 300], [4500], [16, 0, 33]])
 def test_paged_kernel_matches_the_torch_reference(dtype, lens):
     from disaggctl.runtime.attention import SeqSlice, build_meta, paged_attention
+    from disaggctl.runtime.kv_cache import KVCache
 
     torch.manual_seed(0)
     page, kv_heads, heads, dim = 16, 2, 14, 64
-    num_pages = 400
-    kc = torch.randn(num_pages, page, kv_heads, dim, device="cuda").to(dtype)
-    vc = torch.randn(num_pages, page, kv_heads, dim, device="cuda").to(dtype)
-    perm = torch.randperm(num_pages).tolist()
+    # the engine's page-major pool: a layer's pages are strided views, rows `page_rows` apart
+    cache = KVCache(3, 400, page, kv_heads, dim, dtype, "cuda")
+    cache.tensor.copy_(torch.randn(cache.tensor.shape, device="cuda"))
+    kc, vc = cache.k(1), cache.v(1)
+    perm = torch.randperm(cache.num_pages).tolist()
     real = [n for n in lens if n > 0]
     seqs, start = [], 0
     for n in real:
@@ -32,8 +34,12 @@ def test_paged_kernel_matches_the_torch_reference(dtype, lens):
         seqs.append(SeqSlice(q_len=1, kv_len=n, pages=perm[start : start + count]))
         start += count
     q = torch.randn(len(seqs), heads, dim, device="cuda").to(dtype)
-    ref = paged_attention(q, kc, vc, build_meta(seqs, page, dim**-0.5, "cuda"))
-    got = paged_attention(q, kc, vc, build_meta(seqs, page, dim**-0.5, "cuda", paged_decode=True))
+
+    def meta(paged: bool):
+        return build_meta(seqs, page, dim**-0.5, "cuda", paged_decode=paged, page_rows=cache.page_rows)
+
+    ref = paged_attention(q, kc, vc, meta(False))
+    got = paged_attention(q, kc, vc, meta(True))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 

@@ -80,7 +80,7 @@ def test_prefill_only_then_remote_kv_equals_normal(tiny):
             assert len(done.page_ids) == len(dst) == -(-len(p) // 4)
             assert a.stats()["held"] == 1
             # B's pages receive A's pages, every layer, K and V: what the transfer engine does
-            b.kv_cache.tensor[:, :, dst] = a.kv_cache.tensor[:, :, done.page_ids]
+            b.kv_cache.tensor[dst] = a.kv_cache.tensor[done.page_ids]  # page-major: pages first
             a.release(rid)
             b.kv_arrived(rid, done.token_ids[0], done.logprobs[0])
             end = eb.finish(rid)

@@ -105,9 +105,29 @@ def test_layout_addresses_match_the_tensor():
     assert t.is_contiguous()
     assert lay["page_bytes"] == 4 * 2 * 8 * 2 and lay["num_pages"] == 5 and lay["page_size"] == 4
     assert lay["total_bytes"] == t.numel() * 2 and lay["dtype"] == "float16"
+    assert lay["page_major"] is True
+    layout = cache.layout()
     for layer in range(3):
         for kv in range(2):
             for page in range(5):
-                addr = lay["base_ptr"] + ((layer * 2 + kv) * lay["num_pages"] + page) * lay["page_bytes"]
-                assert t[layer, kv, page].data_ptr() == addr
+                # page-major, written out: every (layer, part) of page p, then page p + 1
+                addr = lay["base_ptr"] + ((page * 3 + layer) * 2 + kv) * lay["page_bytes"]
+                assert t[page, layer, kv].data_ptr() == addr == layout.page_addr(layer, kv, page)
+                assert (cache.k if kv == 0 else cache.v)(layer)[page].data_ptr() == addr
     assert cache.pages_for(8) == 2 and cache.pages_for(9) == 3
+
+
+def test_flat_rows_address_every_slot_of_a_layer():
+    from disaggctl.runtime.kv_cache import flat_rows
+
+    cache = KVCache(3, 5, 4, 2, 8, torch.float32, "cpu")
+    cache.tensor.copy_(torch.randn(cache.tensor.shape))
+    for layer in range(3):
+        pages = cache.v(layer)
+        flat = flat_rows(pages)
+        for page in range(5):
+            for offset in range(4):
+                assert torch.equal(flat[page * cache.page_rows + offset], pages[page, offset])
+    latent = KVCache(2, 3, 4, 1, 6, torch.float32, "cpu", parts=1)
+    latent.tensor.copy_(torch.randn(latent.tensor.shape))
+    assert torch.equal(latent.latent(1)[2 * latent.page_rows + 3], latent.tensor[2, 1, 0, 3, 0])

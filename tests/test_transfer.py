@@ -217,6 +217,63 @@ def test_kv_write_batches_merges_across_layers_when_layouts_allow():
     assert lens == [8 * 256] * (LAYERS * 2)
 
 
+@pytest.mark.parametrize("src_major,dst_major", [(True, True), (True, False), (False, True)])
+def test_page_major_pools_get_the_right_bytes(src_major, dst_major):
+    """The runtime's pools are page-major ([pages, layers, parts, ...]); copying between either order must
+    put every used token of every (layer, part) where tensor indexing says, and touch no other page."""
+    rng = random.Random(11)
+
+    def pool(pages: int, page_major: bool, seed: int | None) -> torch.Tensor:
+        shape = (pages, LAYERS, 2) if page_major else (LAYERS, 2, pages)
+        t = torch.empty((*shape, PAGE_SIZE, HEADS, DIM), dtype=torch.bfloat16)
+        if seed is None:
+            t.view(torch.uint8).fill_(FILL_BYTE)
+        else:
+            t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, dtype=torch.uint8))
+        return t
+
+    def page(t: torch.Tensor, page_major: bool, p: int, layer: int, kv: int) -> torch.Tensor:
+        return t[p, layer, kv] if page_major else t[layer, kv, p]
+
+    for _ in range(30):
+        src, dst = pool(SRC_PAGES, src_major, 1), pool(PEER_PAGES, dst_major, None)
+        n = rng.randrange(1, SRC_PAGES + 1)
+        src_pages, _ = random_page_lists(rng, n, SRC_PAGES)
+        _, dst_pages = random_page_lists(rng, n, PEER_PAGES)
+        tokens = (n - 1) * PAGE_SIZE + rng.randrange(1, PAGE_SIZE + 1)
+        copy_locally(
+            *kv_write_batches(
+                KvLayout.from_tensor(src, page_major=src_major),
+                src_pages,
+                KvLayout.from_tensor(dst, page_major=dst_major),
+                dst_pages,
+                tokens,
+            )
+        )
+        for i, (sp, dp) in enumerate(zip(src_pages, dst_pages, strict=True)):
+            used = min(PAGE_SIZE, tokens - i * PAGE_SIZE)
+            for layer in range(LAYERS):
+                for kv in range(2):
+                    want = page(src, src_major, sp, layer, kv)[:used]
+                    assert torch.equal(
+                        page(dst, dst_major, dp, layer, kv)[:used].view(torch.uint8), want.view(torch.uint8)
+                    )
+        untouched = set(range(PEER_PAGES)) - set(dst_pages)
+        for dp in untouched:
+            for layer in range(LAYERS):
+                assert (page(dst, dst_major, dp, layer, 0).view(torch.uint8) == FILL_BYTE).all()
+
+
+def test_page_major_runs_are_one_entry_each():
+    a = KvLayout(1 << 20, LAYERS, 16, 256, 4, page_major=True)
+    b = KvLayout(1 << 30, LAYERS, 16, 256, 4, page_major=True)
+    run = LAYERS * 2 * 256  # one page of every (layer, part)
+    srcs, dsts, lens = kv_write_batches(a, [3, 4, 5, 9, 10], b, [0, 1, 2, 7, 8], num_tokens=5 * 4 - 1)
+    assert lens == [3 * run, 2 * run]  # two runs; the last page goes whole
+    assert srcs == [a.base_ptr + 3 * run, a.base_ptr + 9 * run]
+    assert dsts == [b.base_ptr, b.base_ptr + 7 * run]
+
+
 def test_kv_write_batches_rejects_bad_input():
     a = KvLayout(4096, 2, 8, 256, 4)
     with pytest.raises(ValueError, match="page_bytes differs"):

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from disaggctl.runtime.kv_cache import flat_rows, page_rows_of
+
 
 @dataclass
 class SeqSlice:
@@ -40,6 +42,7 @@ class PrefillGroup:
 class AttentionMeta:
     scale: float
     page_size: int
+    page_rows: int  # token rows from a page to the next in a layer's flat rows (kv_cache.flat_rows)
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     q_lens: list[int]
     kv_lens: list[int]
@@ -61,14 +64,21 @@ class AttentionMeta:
 
 
 def build_meta(
-    seqs: Sequence[SeqSlice], page_size: int, scale: float, device, paged_decode: bool = False
+    seqs: Sequence[SeqSlice],
+    page_size: int,
+    scale: float,
+    device,
+    paged_decode: bool = False,
+    page_rows: int | None = None,
 ) -> AttentionMeta:
     """Describe one step for the attention kernels (host work: numpy, then one copy per tensor).
     `paged_decode`: decode rows go to the paged kernel, which needs their pages and lengths, not slots.
+    `page_rows`: the pool's (`KVCache.page_rows`; default `page_size`, a pool of one layer's pages).
 
     Vectorised over sequences: at decode batch sizes a per-sequence Python loop here costs more than the
     step's attention does on a GPU. Only prefill pieces, few per step, are handled one by one.
     """
+    page_rows = page_rows or page_size
     q_lens = np.fromiter((s.q_len for s in seqs), dtype=np.int64, count=len(seqs))
     kv_lens = np.fromiter((s.kv_len for s in seqs), dtype=np.int64, count=len(seqs))
     num_pages = np.fromiter((len(s.pages) for s in seqs), dtype=np.int64, count=len(seqs))
@@ -84,7 +94,7 @@ def build_meta(
     total = int(q_lens.sum())
     seq_of_row = np.repeat(np.arange(len(seqs)), q_lens)
     positions = np.arange(total) - row_starts[seq_of_row] + (kv_lens - q_lens)[seq_of_row]
-    slot_mapping = table[seq_of_row, positions // page_size] * page_size + positions % page_size
+    slot_mapping = table[seq_of_row, positions // page_size] * page_rows + positions % page_size
 
     # (q_len, kv_len) -> (rows, kv slots) of each piece: equal shapes share one SDPA call per layer
     groups: dict[tuple[int, int], tuple[list[np.ndarray], list[np.ndarray]]] = {}
@@ -93,7 +103,7 @@ def build_meta(
         rows, slots = groups.setdefault((q_len, kv_len), ([], []))
         rows.append(np.arange(row_starts[i], row_starts[i] + q_len))
         kv_pos = np.arange(kv_len)
-        slots.append(table[i, kv_pos // page_size] * page_size + kv_pos % page_size)
+        slots.append(table[i, kv_pos // page_size] * page_rows + kv_pos % page_size)
     prefills = []
     for (q_len, kv_len), (rows, slots) in groups.items():
         mask = None
@@ -110,6 +120,7 @@ def build_meta(
     meta = AttentionMeta(
         scale=scale,
         page_size=page_size,
+        page_rows=page_rows,
         slot_mapping=torch.from_numpy(slot_mapping).to(device),
         q_lens=q_lens.tolist(),
         kv_lens=kv_lens.tolist(),
@@ -128,7 +139,7 @@ def build_meta(
             return meta
         lmax = int(decode_kv.max())
         pages_d = table[decoding, : (lmax + page_size - 1) // page_size]
-        slots = (pages_d[:, :, None] * page_size + np.arange(page_size)).reshape(decoding.size, -1)[:, :lmax]
+        slots = (pages_d[:, :, None] * page_rows + np.arange(page_size)).reshape(decoding.size, -1)[:, :lmax]
         valid = np.arange(lmax)[None, :] < decode_kv[:, None]
         # Masked slots still go through the matmul (weight 0, but 0 * NaN is NaN): point them at the
         # sequence's own first key, never at unwritten or foreign bytes (a late remote write, say).
@@ -138,11 +149,17 @@ def build_meta(
     return meta
 
 
+def rows(cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    """One layer's pages as the flat token rows that the meta's slots index."""
+    if page_rows_of(cache) != meta.page_rows:
+        raise ValueError(f"the step was described for {meta.page_rows} rows a page, the pool has {page_rows_of(cache)}")
+    return flat_rows(cache)
+
+
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k, v, meta: AttentionMeta) -> None:
     """Write the step's new keys/values ([T, kv_heads, head_dim]) into their slots of one layer's pages."""
-    heads, dim = k_cache.shape[-2:]
-    k_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, v)
+    rows(k_cache, meta).index_copy_(0, meta.slot_mapping, k)
+    rows(v_cache, meta).index_copy_(0, meta.slot_mapping, v)
 
 
 def _decode_attention(q, kf, vf, meta: AttentionMeta) -> torch.Tensor:
@@ -179,8 +196,7 @@ def _decode_rows(q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
         from disaggctl.runtime.triton_attention import decode_attention
 
         return decode_attention(q, k_cache, v_cache, meta.decode_table, meta.decode_lens, meta.scale)
-    heads, dim = k_cache.shape[-2:]
-    return _decode_attention(q.contiguous(), k_cache.view(-1, heads, dim), v_cache.view(-1, heads, dim), meta)
+    return _decode_attention(q.contiguous(), rows(k_cache, meta), rows(v_cache, meta), meta)
 
 
 def paged_attention(q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
@@ -190,8 +206,7 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMeta) -> torch.Tensor:
     decoding = meta.decode_slots is not None or meta.decode_lens is not None
     if decoding and meta.decode_rows is None:
         return _decode_rows(q, k_cache, v_cache, meta)
-    heads, dim = k_cache.shape[-2:]
-    kf, vf = k_cache.view(-1, heads, dim), v_cache.view(-1, heads, dim)
+    kf, vf = rows(k_cache, meta), rows(v_cache, meta)
     out = torch.empty_like(q)
     if decoding:
         o = _decode_rows(q.index_select(0, meta.decode_rows), k_cache, v_cache, meta)

@@ -41,6 +41,7 @@ class DecodeGraphs:
         self.kv_cache = kv_cache
         self.scale = scale
         self.page_size = page = kv_cache.page_size
+        self.page_rows = kv_cache.page_rows
         self.sample_rows = sample_rows
         self.sizes = buckets_for(max_batch)
         self.width = -(-max_len // page)  # block-table columns: the pages of the longest sequence
@@ -49,7 +50,7 @@ class DecodeGraphs:
         scratch = kv_cache.scratch_page
         if scratch is None:
             raise ValueError("CUDA graphs need a KV pool with a scratch page for padding rows")
-        self.pad_slot = scratch * page
+        self.pad_slot = scratch * self.page_rows
         self.input_ids = torch.zeros(largest, dtype=torch.long, device=dev)
         self.positions = torch.zeros(largest, dtype=torch.long, device=dev)
         self.slots = torch.full((largest,), self.pad_slot, dtype=torch.long, device=dev)
@@ -66,6 +67,7 @@ class DecodeGraphs:
         return AttentionMeta(
             scale=self.scale,
             page_size=self.page_size,
+            page_rows=self.page_rows,
             slot_mapping=self.slots[:size],
             q_lens=[1] * size,
             kv_lens=[0] * size,  # not read on this path: the kernel reads `decode_lens`
@@ -129,7 +131,7 @@ class DecodeGraphs:
             (p for _, _, pages in slices for p in pages), dtype=np.int32, count=int(counts.sum())
         )
         pos = np.asarray(positions, dtype=np.int64)
-        slots = table[np.arange(n), pos // page].astype(np.int64) * page + pos % page
+        slots = table[np.arange(n), pos // page].astype(np.int64) * self.page_rows + pos % page
         # one host-to-device copy per buffer; the rows from n to the bucket's size keep padding
         self.input_ids[:n].copy_(torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), non_blocking=True)
         self.positions[:n].copy_(torch.from_numpy(pos), non_blocking=True)

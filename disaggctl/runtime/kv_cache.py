@@ -1,10 +1,11 @@
 """The KV pool: one tensor for every layer's pages, and the allocator that hands pages out.
 
-The pool is `[num_layers, parts, num_pages, page_size, num_kv_heads, head_dim]`, contiguous, so the
+The pool is `[num_pages, num_layers, parts, page_size, num_kv_heads, head_dim]`, contiguous, so the
 transfer layer registers one memory region once and computes any page's address from `layout()`. `parts`
 is 2 (K and V) for per-head attention, 1 for a latent pool (MLA: one "head" of the compressed latent per
-token; `pool_shape` decides). The allocator
-prefers contiguous runs of pages: adjacent pages on both sides of a transfer merge into one write.
+token; `pool_shape` decides). Page-major, so that a run of pages is one range of memory across every
+layer: a PD hand-off is then one Mooncake entry per run, not one per run and (layer, part) (about 20 us
+each over same-host NVLink; docs/design-changes.md). The allocator prefers contiguous runs of pages.
 """
 
 from __future__ import annotations
@@ -137,11 +138,13 @@ def pool_shape(mc, tp) -> PoolShape:
 class KVCache:
     """The page pool of one rank: the only place that knows its shape.
 
-    One contiguous tensor `[num_layers, parts, num_pages, page_size, kv_heads, head_dim]`: page p of
-    (layer, part) starts at `base_ptr + ((layer * parts + part) * num_pages + p) * page_bytes` (what
-    `layout()` tells a peer), and token slot `s` of a layer is `page * page_size + offset`. With tensor
-    parallelism a rank holds heads `head_start .. head_start + kv_heads - 1` of every page; page ids are the
-    same on every rank. A latent pool (`parts` 1) is read with `latent`, a K/V pool with `k` and `v`.
+    One contiguous tensor `[num_pages, num_layers, parts, page_size, kv_heads, head_dim]`: page p of
+    (layer, part) starts at `base_ptr + ((p * num_layers + layer) * parts + part) * page_bytes` (what
+    `layout()` tells a peer). A layer's part is a strided `[num_pages, page_size, kv_heads, head_dim]`
+    view (`k`, `v`); as flat token rows (`flat_rows`) token slot `page * page_rows + offset` of it is one
+    row, `page_rows` being the rows from a page to the next. With tensor parallelism a rank holds heads
+    `head_start .. head_start + kv_heads - 1` of every page; page ids are the same on every rank. A latent
+    pool (`parts` 1) is read with `latent`, a K/V pool with `k` and `v`.
 
     `scratch`: one page more than the allocator hands out, page id `num_pages`, owned by no sequence: the
     padding rows of a CUDA-graph step write their keys there (`cuda_graph.py`).
@@ -166,7 +169,7 @@ class KVCache:
             raise ValueError(f"a KV pool holds K and V (2 parts) or a latent (1), got {parts}")
         total = num_pages + (1 if scratch else 0)
         self.tensor = torch.zeros(
-            (num_layers, parts, total, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
+            (total, num_layers, parts, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
         self.page_size = page_size
         self.head_start = head_start
@@ -205,24 +208,29 @@ class KVCache:
 
     @property
     def parts(self) -> int:
-        return self.tensor.shape[1]
+        return self.tensor.shape[2]
+
+    @property
+    def page_rows(self) -> int:
+        """Token rows from a slot of one page to the same slot of the next, in a layer's flat rows."""
+        return self.tensor.shape[1] * self.parts * self.page_size
 
     def k(self, layer: int):
-        """Keys of one layer: [num_pages, page_size, kv_heads, head_dim]."""
+        """Keys of one layer: [num_pages, page_size, kv_heads, head_dim] (a strided view)."""
         if self.parts != 2:
             raise TypeError("a latent pool has no separate keys; read it with latent()")
-        return self.tensor[layer, 0]
+        return self.tensor[:, layer, 0]
 
     def v(self, layer: int):
         if self.parts != 2:
             raise TypeError("a latent pool has no separate values; read it with latent()")
-        return self.tensor[layer, 1]
+        return self.tensor[:, layer, 1]
 
     def latent(self, layer: int):
-        """One layer of a latent pool by token slot: [num_pages * page_size, head_dim] (a view)."""
+        """One layer of a latent pool as flat token rows: [rows, head_dim], slot `page * page_rows + offset`."""
         if self.parts != 1:
             raise TypeError("a K/V pool has no latent; read it with k() and v()")
-        return self.tensor[layer, 0].view(-1, self.tensor.shape[5])
+        return flat_rows(self.tensor[:, layer, 0])[:, 0]
 
     @staticmethod
     def page_bytes_all_layers(num_layers, page_size, num_kv_heads, head_dim, itemsize, parts: int = 2) -> int:
@@ -232,7 +240,7 @@ class KVCache:
         """Where this pool lives, for a peer that writes into it (`transfer.kv_layout.KvLayout`)."""
         from disaggctl.transfer.kv_layout import KvLayout
 
-        return KvLayout.from_tensor(self.tensor)
+        return KvLayout.from_tensor(self.tensor, page_major=True)
 
     def describe(self) -> dict:
         """The layout plus what it does not carry (heads, dtype, device), for logs and /server_info."""
@@ -251,6 +259,33 @@ class KVCache:
     def pages_for(self, num_tokens: int) -> int:
         """Pages that `num_tokens` tokens occupy."""
         return pages_for(num_tokens, self.page_size)
+
+
+def flat_rows(pages):
+    """A `[num_pages, page_size, heads, dim]` view of one layer's part (`KVCache.k`), as token rows
+    `[rows, heads, dim]`: slot `page * page_rows + offset` is one row, where `page_rows` is the page stride
+    over the row stride. The rows between pages belong to other layers and are never addressed."""
+    num_pages, page_size = pages.shape[:2]
+    row_stride = pages.stride(1)
+    if pages.stride(0) % row_stride or any(
+        st != want for st, want in zip(pages.stride()[2:], _packed(pages.shape[2:]), strict=True)
+    ):
+        raise ValueError(f"KV pages of strides {pages.stride()} are not token rows")
+    rows = (num_pages - 1) * (pages.stride(0) // row_stride) + page_size
+    return pages.as_strided((rows, *pages.shape[2:]), (row_stride, *pages.stride()[2:]))
+
+
+def _packed(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def page_rows_of(pages) -> int:
+    """`page_rows` of a `[num_pages, page_size, heads, dim]` pages view (see `flat_rows`)."""
+    return pages.stride(0) // pages.stride(1)
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:

@@ -129,7 +129,14 @@ class ModelRunner:
         ):
             return self.graphs.replay(batch.input_ids, batch.positions, batch.slices)
         slices = [SeqSlice(q_len=q, kv_len=kv, pages=pages) for q, kv, pages in batch.slices]
-        meta = build_meta(slices, self.kv_cache.page_size, self.scale, dev, paged_decode=self.paged_decode)
+        meta = build_meta(
+            slices,
+            self.kv_cache.page_size,
+            self.scale,
+            dev,
+            paged_decode=self.paged_decode,
+            page_rows=self.kv_cache.page_rows,
+        )
         rows = torch.tensor(batch.logit_rows, device=dev) if sample_rows else None
         extra = {}
         if batch.embed_rows:

@@ -41,8 +41,8 @@ def _partial_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, acc_ptr, ml_ptr,
     scale,
     stride_qb, stride_qh,
-    stride_kslot, stride_khead,
-    stride_vslot, stride_vhead,
+    stride_kpage, stride_kslot, stride_khead,
+    stride_vpage, stride_vslot, stride_vhead,
     stride_tb,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr,
@@ -76,10 +76,13 @@ def _partial_kernel(
         offs_n = t0 + tl.arange(0, BLOCK)
         n_ok = offs_n < end
         page = tl.load(table_ptr + b * stride_tb + offs_n // PAGE, mask=n_ok, other=0)
-        slot = page.to(tl.int64) * PAGE + offs_n % PAGE
+        page = page.to(tl.int64)
+        offset = offs_n % PAGE
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(
-            k_ptr + slot[:, None] * stride_kslot + kvh * stride_khead + offs_d[None, :], mask=kv_mask, other=0.0
+            k_ptr + (page * stride_kpage + offset * stride_kslot)[:, None] + kvh * stride_khead + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
         )
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -91,7 +94,9 @@ def _partial_kernel(
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            v_ptr + slot[:, None] * stride_vslot + kvh * stride_vhead + offs_d[None, :], mask=kv_mask, other=0.0
+            v_ptr + (page * stride_vpage + offset * stride_vslot)[:, None] + kvh * stride_vhead + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
         )
         # probabilities rounded to the values' dtype before the matmul, as transformers' eager path does
         if IEEE:
@@ -144,15 +149,13 @@ def decode_attention(
     num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """One new token per sequence. q: [B, heads, head_dim]; caches: one layer's
-    [num_pages, page_size, kv_heads, head_dim] (any strides between pages and heads, unit stride within
-    a head); block_table: [B, max_pages] int32; seq_lens: [B] int32, the keys each sequence has,
+    [num_pages, page_size, kv_heads, head_dim] (any strides between pages, slots and heads, unit stride
+    within a head); block_table: [B, max_pages] int32; seq_lens: [B] int32, the keys each sequence has,
     including its new token (0: a padding row, whose output is zeros). Returns [B, heads, head_dim]."""
     batch, heads, dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("decode_attention needs unit stride within a head")
-    if k_cache.stride(0) != page * k_cache.stride(1) or v_cache.stride(0) != page * v_cache.stride(1):
-        raise ValueError("decode_attention needs a page's slots back to back")
     group = heads // kv_heads
     block_d = triton.next_power_of_2(dim)
     splits = num_splits(batch, kv_heads)
@@ -162,8 +165,8 @@ def decode_attention(
         q, k_cache, v_cache, block_table, seq_lens, acc, ml,
         scale,
         q.stride(0), q.stride(1),
-        k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
         PAGE=page, BLOCK=block_n, SPLITS=splits, MIN_SPLIT=min_split,

@@ -1,11 +1,14 @@
 """Addresses of KV pages in a paged pool, and the merged write list that ships them.
 
-The pool is one contiguous tensor `[num_layers, parts, num_pages, page_size, num_kv_heads, head_dim]`,
-so page `p` of (layer, part) lives at `base + ((layer * parts + part) * num_pages + p) * page_bytes`.
-`parts` is the pool's own (2: K and V; 1: MLA's latent), said by its layout; the writes below cover every
-part of every layer whatever it is. Every Mooncake entry costs tens of microseconds, so pages that are
-contiguous on both sides are sent as one range, and ranges that continue across the (layer, part)
-boundary are joined too.
+A pool is one contiguous tensor in one of two orders. Page-major (what the runtime allocates):
+`[num_pages, num_layers, parts, page_size, num_kv_heads, head_dim]`, page `p` of (layer, part) at
+`base + ((p * num_layers + layer) * parts + part) * page_bytes`, so a run of pages is one range across
+every layer. Layer-major: `[num_layers, parts, num_pages, ...]`, at
+`base + ((layer * parts + part) * num_pages + p) * page_bytes`, a run of pages one range per (layer,
+part). `parts` is the pool's own (2: K and V; 1: MLA's latent), said by its layout; the writes below cover
+every part of every layer whatever it is. Every Mooncake entry costs tens of microseconds (about 20 over
+same-host NVLink), so pages contiguous on both sides are sent as one range, and ranges that continue
+each other are joined: page-major pools ship a prompt in as many entries as it has page runs.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ class KvLayout:
     page_bytes: int
     page_size: int
     parts: int = 2
+    page_major: bool = False  # the order of the pool's dimensions (module docstring)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.page_major, bool):
+            raise ValueError(f"KV layout field page_major must be true or false, got {self.page_major!r}")
         for name in _FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -62,10 +68,20 @@ class KvLayout:
         """(layer, part) slabs, each `num_pages` pages."""
         return self.num_layers * self.parts
 
+    @property
+    def slab_stride(self) -> int:
+        """Bytes from a page of one (layer, part) to the same page of the next."""
+        return self.page_bytes if self.page_major else self.slab_bytes
+
+    @property
+    def page_stride(self) -> int:
+        """Bytes from a page of one (layer, part) to the next page of it."""
+        return self.num_slabs * self.page_bytes if self.page_major else self.page_bytes
+
     def page_addr(self, layer: int, kv: int, page: int) -> int:
         if not (0 <= layer < self.num_layers and 0 <= kv < self.parts and 0 <= page < self.num_pages):
             raise IndexError(f"(layer {layer}, part {kv}, page {page}) is outside this KV layout")
-        return self.base_ptr + ((layer * self.parts + kv) * self.num_pages + page) * self.page_bytes
+        return self.base_ptr + (layer * self.parts + kv) * self.slab_stride + page * self.page_stride
 
     def incompatibility(self, other: KvLayout) -> str | None:
         """Why pages of `other` cannot be copied byte for byte into this pool, or None if they can."""
@@ -75,7 +91,7 @@ class KvLayout:
                 return f"{name} differs: {theirs} vs {mine} here"
         return None
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
@@ -85,17 +101,20 @@ class KvLayout:
         missing = [name for name in _FIELDS if name not in data and name != "parts"]
         if missing:
             raise ValueError(f"KV layout is missing {', '.join(missing)}")
-        # a layout without parts is a K/V pool's (the only kind there was before latent pools)
-        return cls(**{name: data[name] for name in _FIELDS if name in data})
+        # a layout without parts is a K/V pool's (the only kind there was before latent pools), one
+        # without page_major a layer-major one's (the only order there was before)
+        return cls(**{name: data[name] for name in (*_FIELDS, "page_major") if name in data})
 
     @classmethod
-    def from_tensor(cls, pool: Any) -> KvLayout:
-        """Layout of a contiguous `[layers, parts, pages, page_size, kv_heads, head_dim]` tensor (torch or
-        numpy)."""
+    def from_tensor(cls, pool: Any, page_major: bool = False) -> KvLayout:
+        """Layout of a contiguous tensor (torch or numpy): `[pages, layers, parts, page_size, kv_heads,
+        head_dim]` when `page_major`, else `[layers, parts, pages, page_size, kv_heads, head_dim]`."""
         shape = tuple(pool.shape)
-        if len(shape) != 6 or shape[1] not in (1, 2):
+        parts_dim = 2 if page_major else 1
+        if len(shape) != 6 or shape[parts_dim] not in (1, 2):
+            order = "pages, layers, parts" if page_major else "layers, parts, pages"
             raise ValueError(
-                f"KV pool must be [layers, parts (1 or 2), pages, page_size, heads, dim], got shape {shape}"
+                f"KV pool must be [{order} (parts 1 or 2), page_size, heads, dim], got shape {shape}"
             )
         if hasattr(pool, "data_ptr"):
             contiguous, ptr, itemsize = pool.is_contiguous(), pool.data_ptr(), pool.element_size()
@@ -103,8 +122,11 @@ class KvLayout:
             contiguous, ptr, itemsize = pool.flags["C_CONTIGUOUS"], pool.ctypes.data, pool.itemsize
         if not contiguous:
             raise ValueError("KV pool tensor must be contiguous")
-        layers, parts, pages, page_size, heads, dim = shape
-        return cls(ptr, layers, pages, page_size * heads * dim * itemsize, page_size, parts)
+        if page_major:
+            pages, layers, parts, page_size, heads, dim = shape
+        else:
+            layers, parts, pages, page_size, heads, dim = shape
+        return cls(ptr, layers, pages, page_size * heads * dim * itemsize, page_size, parts, page_major)
 
 
 def _page_array(pages: Sequence[int], layout: KvLayout, side: str) -> np.ndarray:
@@ -157,7 +179,9 @@ def kv_write_batches(
     """The (srcs, dsts, lens) of one batched write copying every layer's parts (K and V, or the latent) of
     `src_pages` to `dst_pages`.
 
-    Page lists are in token order. With `num_tokens`, only the used part of the last page is sent.
+    Page lists are in token order. With `num_tokens`, only the used part of the last page is sent when both
+    pools are layer-major; a page-major pool gets its last page whole (the unused tail is the destination
+    sequence's own, unread, slots), which keeps a run of pages one entry instead of one per (layer, part).
     """
     reason = dst_layout.incompatibility(src_layout)
     if reason:
@@ -178,16 +202,27 @@ def kv_write_batches(
             raise ValueError(
                 f"{num_tokens} tokens do not fill exactly {src.size} pages of {src_layout.page_size}"
             )
-        tail_bytes = (num_tokens - (src.size - 1) * src_layout.page_size) * src_layout.token_bytes
+        if not (src_layout.page_major or dst_layout.page_major):
+            tail_bytes = (num_tokens - (src.size - 1) * src_layout.page_size) * src_layout.token_bytes
     if src.size == 0:
         return [], [], []
-
+    slabs = np.arange(src_layout.num_slabs, dtype=np.int64)
+    if src_layout.page_major or dst_layout.page_major:
+        # one entry per (page, slab) in the source's address order; joining chains what is contiguous
+        if src_layout.page_major:
+            page_of, slab_of = np.repeat(np.arange(src.size), slabs.size), np.tile(slabs, src.size)
+        else:
+            page_of, slab_of = np.tile(np.arange(src.size), slabs.size), np.repeat(slabs, src.size)
+        srcs = src_layout.base_ptr + slab_of * src_layout.slab_stride + src[page_of] * src_layout.page_stride
+        dsts = dst_layout.base_ptr + slab_of * dst_layout.slab_stride + dst[page_of] * dst_layout.page_stride
+        lens = np.full(srcs.size, page_bytes, dtype=np.int64)
+        srcs, dsts, lens = _join_adjacent(srcs, dsts, lens)
+        return srcs.tolist(), dsts.tolist(), lens.tolist()
     s_start, d_start, counts = _runs(src, dst)
     run_lens = counts * page_bytes
     run_lens[-1] -= page_bytes - tail_bytes
-    slabs = np.arange(src_layout.num_slabs, dtype=np.int64)[:, None]
-    srcs = src_layout.base_ptr + slabs * src_layout.slab_bytes + s_start[None, :] * page_bytes
-    dsts = dst_layout.base_ptr + slabs * dst_layout.slab_bytes + d_start[None, :] * page_bytes
+    srcs = src_layout.base_ptr + slabs[:, None] * src_layout.slab_bytes + s_start[None, :] * page_bytes
+    dsts = dst_layout.base_ptr + slabs[:, None] * dst_layout.slab_bytes + d_start[None, :] * page_bytes
     lens = np.broadcast_to(run_lens, srcs.shape)
     srcs, dsts, lens = _join_adjacent(
         srcs.reshape(-1), dsts.reshape(-1), np.ascontiguousarray(lens).reshape(-1)
@@ -320,11 +355,11 @@ def rank_write_batches(
         """[slabs, tokens]: where each token's shared heads start, per (layer, part)."""
         lay = pool.layout
         within = (
-            pages[page_idx] * lay.page_bytes
+            pages[page_idx] * lay.page_stride
             + offset * lay.token_bytes
             + (lo - pool.head_start) * pool.head_bytes
         )
-        return lay.base_ptr + slabs * lay.slab_bytes + within[None, :]
+        return lay.base_ptr + slabs * lay.slab_stride + within[None, :]
 
     srcs, dsts = addresses(src, src_arr), addresses(dst, dst_arr)
     lens = np.full(srcs.size, (hi - lo) * src.head_bytes, dtype=np.int64)

@@ -68,7 +68,7 @@ def decode_slots(meta: AttentionMeta) -> tuple[torch.Tensor, torch.Tensor] | Non
     if "latent_decode" not in meta.cache:
         table, lens = meta.decode_table.long(), meta.decode_lens.long()
         pos = torch.arange(int(lens.max()), device=table.device)
-        slots = table[:, pos // meta.page_size] * meta.page_size + pos % meta.page_size
+        slots = table[:, pos // meta.page_size] * meta.page_rows + pos % meta.page_size
         valid = pos[None, :] < lens[:, None]
         # masked slots point at the sequence's own first key, never at unwritten bytes (0 * NaN is NaN)
         meta.cache["latent_decode"] = (torch.where(valid, slots, slots[:, :1]), valid)

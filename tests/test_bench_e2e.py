@@ -178,6 +178,9 @@ def test_partial_failures_are_reported_with_the_successes(cli, tmp_path):
         (["--num-prompts", "0"], "--num-prompts must be at least 1"),
         (["--compare", "missing-a.json", "missing-b.json"], "no such file"),
         (["--dataset", "prompts", "--dataset-path", "missing.txt"], "no such file"),
+        (["--dataset", "random-image", "--image-size", "big"], "--image-size must be WIDTHxHEIGHT"),
+        (["--dataset", "random-image", "--image-count", "0"], "--image-count must be 1..16"),
+        (["--dataset", "random-image", "--backend", "openai"], "random-image needs --backend generate"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, tmp_path, monkeypatch):

@@ -207,7 +207,8 @@ def test_example_plan_follows_the_rules(path):
 
 def test_local_examples_run_here():
     # the local examples are the ones `disaggctl up` can start on this machine: CPU, loopback, builtin model
-    for name in ("local-1p1d", "local-2p2d", "local-colocated", "local-1p1d-tp2", "local-ep"):
+    local = ("local-1p1d", "local-2p2d", "local-colocated", "local-1p1d-tp2", "local-ep", "local-epd")
+    for name in (*local, "local-colocated-llava"):
         plan = build_plan(load_topology(TOPOLOGIES / f"{name}.yaml"), name)
         assert plan.engine == "embedded"
         assert all(h.local and h.gpus == 0 for h in plan.hosts)
@@ -215,6 +216,10 @@ def test_local_examples_run_here():
         assert plan.process("proxy").port == 8000
     assert build_plan(load_topology(TOPOLOGIES / "local-colocated.yaml"), "x").kind == "colocated"
     assert build_plan(load_topology(TOPOLOGIES / "epd.yaml"), "x").kind == "epd"
+    epd = build_plan(load_topology(TOPOLOGIES / "local-epd.yaml"), "x")  # up: tests/test_epd_e2e.py
+    assert epd.kind == "epd"
+    assert [p.name for p in epd.processes] == ["encoder-0", "prefill-0", "decode-0", "proxy"]
+    check_launchable(load_topology(TOPOLOGIES / "local-epd.yaml"), "x")
     assert build_plan(load_topology(TOPOLOGIES / "ep.yaml"), "x").kind == "ep"
     tp2 = build_plan(load_topology(TOPOLOGIES / "local-1p1d-tp2.yaml"), "x")
     assert [(p.name, p.tp) for p in tp2.processes] == [("prefill-0", 2), ("decode-0", 2), ("proxy", 1)]

@@ -569,3 +569,27 @@ def test_up_refuses_fewer_gpus_than_ranks(tmp_path):
     )
     path.write_text(HEAD + "colocated: {tp: 2, gpus_per_replica: 1}\n")  # CPU ranks need no GPU
     check_launchable(load_topology(path), str(path))
+
+
+def test_embed_buffer_mb_reaches_the_encoder_and_its_prefill_only(tmp_path):
+    from disaggctl.runtime.server import build_parser
+    from disaggctl.runtime.vision.encoder_server import build_parser as encoder_parser
+
+    head = "name: t\nmodel: {path: builtin:tiny-llava}\n" + GPU_HOST
+    text = head + "encoder: {embed_buffer_mb: 8}\nprefill: {embed_buffer_mb: 16}\ndecode: {}\n"
+    plan = plan_of(tmp_path, text)
+    assert encoder_parser().parse_args(plan.process("encoder-0").argv[5:]).buffer_mb == 8
+    assert build_parser("prefill").parse_args(plan.process("prefill-0").argv[5:]).embed_buffer_mb == 16
+    unset = plan_of(tmp_path, head + "encoder: {}\nprefill: {}\ndecode: {}\n")
+    assert build_parser("prefill").parse_args(unset.process("prefill-0").argv[5:]).embed_buffer_mb == 64
+    assert encoder_parser().parse_args(unset.process("encoder-0").argv[5:]).buffer_mb == 256
+    for bad, message in (
+        ("encoder: {}\nprefill: {}\ndecode: {embed_buffer_mb: 8}\n", "decode.embed_buffer_mb: only encoders"),
+        ("prefill: {embed_buffer_mb: 8}\ndecode: {}\n", "prefill.embed_buffer_mb: only encoders"),
+        ("encoder: {embed_buffer_mb: 0}\nprefill: {}\ndecode: {}\n", "embed_buffer_mb"),
+    ):
+        with pytest.raises(TopologyError, match=message):
+            plan_of(tmp_path, head + bad)
+    sgl = head.replace("name: t\n", "name: t\nengine: sglang\n")
+    with pytest.raises(TopologyError, match="SGLang sizes its own"):
+        plan_of(tmp_path, sgl + "encoder: {embed_buffer_mb: 8}\nprefill: {}\ndecode: {}\n")

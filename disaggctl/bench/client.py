@@ -8,6 +8,11 @@ Backends (all stream, because TTFT and ITL need it):
 A chunk "carries tokens" when its output grew (generate) or it has a choice with text, or an empty
 choice that is not the closing one (a token whose bytes do not yet form a whole character).
 
+Image requests (the random-image dataset): `/generate` gets `image_data` and one `<image>` placeholder
+per image before the text; chat gets `image_url` parts before a text part. The encoder's share of a
+request comes back in the answer's `Server-Timing: encode;dur=MS` header (the disaggctl proxy sets it
+when it sent the images to its encoders).
+
 Every wait is bounded: the session's total timeout covers connect, queueing and the whole stream.
 """
 
@@ -27,6 +32,9 @@ from disaggctl.bench.workload import WorkItem
 
 BACKENDS = ("generate", "openai", "openai-chat")
 PROBE_TIMEOUT_S = 30.0
+# What a `/generate` prompt holds in place of each image: LLaVA checkpoints' (and the embedded runtime's)
+# image token. Chat requests need none: the server's template places the images.
+IMAGE_PLACEHOLDER = "<image>"
 ERROR_CHARS = 200  # error messages are histogram keys: keep them short
 
 
@@ -107,6 +115,9 @@ def _request(target: Target, item: WorkItem) -> tuple[str, dict]:
             body["input_ids"] = item.input_ids
         else:
             body["text"] = item.prompt
+        if item.images:
+            body["text"] = IMAGE_PLACEHOLDER * len(item.images) + " " + item.prompt
+            body["image_data"] = item.images
         return "/generate", body
     body = {
         "model": target.model,
@@ -119,12 +130,34 @@ def _request(target: Target, item: WorkItem) -> tuple[str, dict]:
         # An extension that vLLM, SGLang and disaggctl accept (min_tokens is not accepted everywhere).
         body["ignore_eos"] = True
     if target.backend == "openai":
+        if item.images:
+            raise ValueError("the openai (completions) backend takes no images: use openai-chat or generate")
         body["prompt"] = item.prompt if item.input_ids is None else item.input_ids
         return "/v1/completions", body
     if item.input_ids is not None:
         raise ValueError("the openai-chat backend needs text prompts")
-    body["messages"] = [{"role": "user", "content": item.prompt}]
+    if item.images:
+        parts = [{"type": "image_url", "image_url": {"url": u}} for u in item.images]
+        body["messages"] = [{"role": "user", "content": [*parts, {"type": "text", "text": item.prompt}]}]
+    else:
+        body["messages"] = [{"role": "user", "content": item.prompt}]
     return "/v1/chat/completions", body
+
+
+def encode_seconds(server_timing: str | None) -> float | None:
+    """The `encode` metric of a Server-Timing header (`encode;dur=12.5, ...`, dur in ms) in seconds."""
+    for metric in (server_timing or "").split(","):
+        name, *params = (p.strip() for p in metric.split(";"))
+        if name != "encode":
+            continue
+        for p in params:
+            key, _, value = p.partition("=")
+            if key.strip() == "dur":
+                try:
+                    return float(value.strip().strip('"')) / 1000
+                except ValueError:
+                    return None
+    return None
 
 
 def _generate_progress(event: dict, rec: RequestRecord, produced: int) -> int:
@@ -174,6 +207,7 @@ async def send(session: aiohttp.ClientSession, target: Target, item: WorkItem) -
     rec.send_time = time.perf_counter()
     try:
         async with session.post(target.url + path, json=body) as resp:
+            rec.encode_time = encode_seconds(resp.headers.get("Server-Timing"))
             if resp.status != 200:
                 rec.error = await _http_error(resp)
             else:

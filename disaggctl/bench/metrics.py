@@ -7,6 +7,8 @@ Definitions (the same as vLLM's `bench serve` and SGLang's `bench_serving`):
 - ITL: the gap between consecutive chunks that carry tokens, pooled over requests. A chunk that carries
   k tokens counts as one gap (the user saw k tokens arrive at once), so ITL and TPOT differ when servers
   batch several tokens per chunk.
+- Encode time (image requests through an EPD proxy): what the server says its encoders took for the
+  request (`Server-Timing: encode`), part of TTFT; over the requests that report it.
 - Percentiles interpolate linearly between closest ranks (numpy's default), std is the population std.
 Times are seconds in, milliseconds out.
 """
@@ -35,6 +37,7 @@ class RequestRecord:
     chunk_tokens: list[int | None] = field(default_factory=list)  # tokens in that chunk; None: not reported
     prompt_tokens: int | None = None  # reported by the server
     output_tokens: int | None = None  # reported by the server
+    encode_time: float | None = None  # seconds the server's encoders took (Server-Timing), if it says
     error: str | None = None
 
     @property
@@ -150,6 +153,10 @@ def summarize(records: list[RequestRecord], duration: float, slo_ms: dict[str, f
     for name in LATENCY_METRICS:
         for stat, value in distribution(series[name]).items():
             out[f"{stat}_{name}_ms"] = None if value is None else value * 1000
+    encoded = [r.encode_time for r in done if r.encode_time is not None]
+    out["encoded_requests"] = len(encoded)
+    for stat, value in distribution(encoded).items():
+        out[f"{stat}_encode_ms"] = None if value is None else value * 1000
     known = [t for r in done for t in r.chunk_tokens if t is not None]
     out["mean_tokens_per_chunk"] = sum(known) / len(known) if known else None
 

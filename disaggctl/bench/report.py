@@ -44,6 +44,8 @@ COMPARE_ROWS = (
         for m in LATENCY_METRICS
         for s in ("mean", "median", "p99")
     ),
+    ("mean_encode_ms", "mean encode ms"),
+    ("p99_encode_ms", "p99 encode ms"),
 )
 
 

@@ -12,7 +12,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASETS = ("random", "sharegpt", "prompts")
+DATASETS = ("random", "random-image", "sharegpt", "prompts")
+IMAGE_BACKENDS = ("generate", "openai-chat")
 BACKEND_CHOICES = ("auto", "generate", "openai", "openai-chat")
 SLO_UNITS = {"ms": 1.0, "s": 1000.0, "us": 0.001}
 SLO_ALIASES = {"ttft": "ttft", "tpot": "tpot", "e2e": "e2e", "e2el": "e2e"}
@@ -39,6 +40,8 @@ class Settings:
     ignore_eos: bool
     deployment: str | None
     prompts: list[str] | None  # the dataset file's prompts, read before any request goes out
+    image_count: int = 1  # random-image: images per request
+    image_size: tuple[int, int] = (336, 336)  # random-image: (width, height)
 
 
 class BenchInputError(ValueError):
@@ -85,10 +88,14 @@ def check_inputs(
         raise BenchInputError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     if backend not in BACKEND_CHOICES:
         raise BenchInputError(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
-    if dataset != "random" and dataset_path is None:
+    if dataset in ("sharegpt", "prompts") and dataset_path is None:
         raise BenchInputError(f"--dataset {dataset} needs --dataset-path FILE")
-    if dataset == "random" and dataset_path is not None:
+    if dataset not in ("sharegpt", "prompts") and dataset_path is not None:
         raise BenchInputError("--dataset-path goes with --dataset sharegpt or prompts")
+    if dataset == "random-image" and backend not in ("auto", *IMAGE_BACKENDS):
+        raise BenchInputError(
+            f"--dataset random-image needs --backend {' or '.join(IMAGE_BACKENDS)} (or auto)"
+        )
     for name, value in (
         ("--num-prompts", num_prompts),
         ("--input-len", input_len),
@@ -146,6 +153,20 @@ async def make_workload(session, target, s: Settings, progress: Progress):
             return workload.file_prompts(rng, prompts, n, s.output_len, s.range_ratio)
 
         return from_file, "text"
+    if s.dataset == "random-image":
+        # Text prompts (the image placeholders go in the text), sized against the server without images.
+        if target.backend not in IMAGE_BACKENDS:
+            raise BenchInputError(
+                f"--dataset random-image needs --backend {' or '.join(IMAGE_BACKENDS)}; "
+                f"{target.url} was detected as {target.backend}"
+            )
+        per_word, overhead = await client.measure_tokens_per_word(session, target, list(workload.WORDS))
+
+        def with_images(rng, n):
+            items = workload.random_text(rng, n, s.input_len, s.output_len, s.range_ratio, per_word, overhead)
+            return workload.add_images(rng, items, s.image_count, *s.image_size)
+
+        return with_images, "text"
     if target.backend == "generate":
         vocab = s.vocab_size or await client.server_vocab_size(session, target.url)
         if vocab:
@@ -214,7 +235,9 @@ async def measure(s: Settings, progress: Progress | None = None):
         "dataset": s.dataset,
         "dataset_path": str(s.dataset_path) if s.dataset_path else None,
         "prompt_format": prompt_format,
-        "input_len": s.input_len if s.dataset == "random" else None,
+        "input_len": s.input_len if s.dataset.startswith("random") else None,
+        "image_count": s.image_count if s.dataset == "random-image" else None,
+        "image_size": "{}x{}".format(*s.image_size) if s.dataset == "random-image" else None,
         "output_len": s.output_len,
         "range_ratio": s.range_ratio,
         "num_prompts": s.num_prompts,

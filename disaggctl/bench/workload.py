@@ -1,14 +1,19 @@
-"""What the benchmark sends and when: prompts (random, ShareGPT, a prompts file) and arrival times.
+"""What the benchmark sends and when: prompts (random, random with images, ShareGPT, a prompts file) and
+arrival times.
 
 Everything is drawn from one `random.Random(seed)`, so a seed reproduces the same workload.
 Lengths are token counts. Random prompts are token ids for servers that take `input_ids`; for
 text-only APIs they are words, sized with a words-per-token ratio measured against the server.
+Random images are noise PNGs made here (no image library on the client), sent as data URLs.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import random
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +39,7 @@ class WorkItem:
     output_len: int
     prompt: str | None = None
     input_ids: list[int] | None = None
+    images: list[str] | None = None  # data URLs, in prompt order (before the text)
 
 
 def sample_lengths(rng: random.Random, n: int, mean_len: int, range_ratio: float) -> list[int]:
@@ -80,6 +86,60 @@ def random_text(
     for i, o in zip(in_lens, out_lens, strict=True):
         words = [rng.choice(WORDS) for _ in range(words_for_tokens(i, tokens_per_word, overhead))]
         items.append(WorkItem(prompt_len=i, output_len=o, prompt=" ".join(words)))
+    return items
+
+
+MAX_IMAGE_SIDE = 4096
+MAX_IMAGES_PER_REQUEST = 16
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """`WxH` (or a single N for NxN) -> (width, height)."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        width, height = int(w), int(h if sep else w)
+    except ValueError:
+        raise WorkloadError(f"--image-size must be WIDTHxHEIGHT (e.g. 336x336), got {text!r}") from None
+    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+        raise WorkloadError(f"--image-size: each side must be 1..{MAX_IMAGE_SIDE} pixels, got {text!r}")
+    return width, height
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png(width: int, height: int, rgb: bytes) -> bytes:
+    """An 8-bit RGB PNG of `rgb` (row-major, 3 bytes a pixel). Noise does not compress, so level 1."""
+    if len(rgb) != width * height * 3:
+        raise ValueError(f"{width}x{height} RGB needs {width * height * 3} bytes, got {len(rgb)}")
+    stride = width * 3
+    raw = b"".join(b"\x00" + rgb[y * stride : (y + 1) * stride] for y in range(height))  # filter: none
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(raw, 1))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def random_image_url(rng: random.Random, width: int, height: int) -> str:
+    """A PNG of uniform random pixels as a data URL: every image differs, so no cache can serve it."""
+    data = png(width, height, rng.randbytes(width * height * 3))
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def add_images(
+    rng: random.Random, items: list[WorkItem], count: int, width: int, height: int
+) -> list[WorkItem]:
+    """`count` random images for each item (which then must be a text prompt)."""
+    if not 1 <= count <= MAX_IMAGES_PER_REQUEST:
+        raise WorkloadError(f"--image-count must be 1..{MAX_IMAGES_PER_REQUEST}, got {count}")
+    for item in items:
+        if item.prompt is None:
+            raise WorkloadError("image requests need text prompts (the image placeholders go in the text)")
+        item.images = [random_image_url(rng, width, height) for _ in range(count)]
     return items
 
 

@@ -27,11 +27,15 @@ def bench(
     model: Annotated[
         str | None, typer.Option(help="Model name for OpenAI APIs. Default: from /v1/models.")
     ] = None,
-    dataset: Annotated[str, typer.Option(help="random | sharegpt | prompts.")] = "random",
+    dataset: Annotated[
+        str, typer.Option(help="random | random-image (random text and noise PNGs) | sharegpt | prompts.")
+    ] = "random",
     dataset_path: Annotated[
         Path | None, typer.Option(help="ShareGPT JSON, or a prompts file (.jsonl, or one prompt per line).")
     ] = None,
-    input_len: Annotated[int, typer.Option(help="Prompt tokens (random dataset).")] = 1024,
+    input_len: Annotated[
+        int, typer.Option(help="Prompt tokens (random datasets; text only for images).")
+    ] = 1024,
     output_len: Annotated[int, typer.Option(help="New tokens per request (EOS ignored unless told).")] = 128,
     range_ratio: Annotated[
         float, typer.Option(help="Lengths uniform within len*(1-r)..len*(1+r); 0 = exact (vLLM's meaning).")
@@ -59,6 +63,8 @@ def bench(
         typer.Option(help="Token id range for random prompts, when the server does not report it."),
     ] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Ask for exactly --output-len tokens.")] = True,
+    image_count: Annotated[int, typer.Option(help="Images per request (random-image).")] = 1,
+    image_size: Annotated[str, typer.Option(help="WIDTHxHEIGHT of each image (random-image).")] = "336x336",
 ) -> None:
     from rich.console import Console
 
@@ -77,6 +83,11 @@ def bench(
             request_rate, max_concurrency, warmup, timeout,
         )  # fmt: skip
         slo_ms = parse_slo(slo) if slo is not None else None
+        size = workload.parse_image_size(image_size)
+        if not 1 <= image_count <= workload.MAX_IMAGES_PER_REQUEST:
+            raise BenchInputError(
+                f"--image-count must be 1..{workload.MAX_IMAGES_PER_REQUEST}, got {image_count}"
+            )
         if plot is not None:
             report.check_plot_support()
         prompts = None
@@ -91,7 +102,7 @@ def bench(
             input_len=input_len, output_len=output_len, range_ratio=range_ratio, num_prompts=num_prompts,
             request_rate=request_rate, max_concurrency=max_concurrency, warmup=warmup, seed=seed,
             slo_ms=slo_ms, timeout=timeout, vocab_size=vocab_size, ignore_eos=ignore_eos,
-            deployment=deployment, prompts=prompts,
+            deployment=deployment, prompts=prompts, image_count=image_count, image_size=size,
         )  # fmt: skip
     except (BenchInputError, workload.WorkloadError, report.ResultError, report.PlotUnavailable) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
@@ -203,6 +214,8 @@ def render(doc: dict, console: Any) -> None:
         ("Concurrency (mean in flight)", fmt_number(doc["concurrency"])),
         ("Peak concurrent requests", fmt_number(doc["max_concurrent_requests"])),
     ]
+    if doc.get("encoded_requests"):
+        rows.append(("Requests with encoder time", fmt_number(doc["encoded_requests"])))
     if doc.get("mean_tokens_per_chunk") is not None:
         rows.append(("Tokens per chunk (mean)", fmt_number(doc["mean_tokens_per_chunk"])))
     for name, value in rows:
@@ -212,6 +225,11 @@ def render(doc: dict, console: Any) -> None:
         table.add_row(f"[bold]{LATENCY_TITLES[metric]}[/bold]", "")
         for stat in STATS:
             table.add_row(f"  {stat} (ms)", fmt_number(doc[f"{stat}_{metric}_ms"]))
+    if doc.get("encoded_requests"):
+        table.add_section()
+        table.add_row("[bold]Encoder time (part of TTFT)[/bold]", "")
+        for stat in STATS:
+            table.add_row(f"  {stat} (ms)", fmt_number(doc[f"{stat}_encode_ms"]))
     if doc.get("slo_attainment"):
         table.add_section()
         slo = ctx.get("slo") or {}

@@ -349,8 +349,22 @@ def create_app(args: argparse.Namespace, key: DeploymentKey | None = None) -> we
     app.router.add_get("/server_info", server_info)
     for path in GENERATE_PATHS:
         app.router.add_post(path, generate)
+    app.on_response_prepare.append(_server_timing)
     app.cleanup_ctx.append(_sessions)
     return app
+
+
+ENCODE_SECONDS = "disaggctl.encode_s"  # request key: the time this request's images took at the encoders
+
+
+async def _server_timing(request: web.Request, response: web.StreamResponse) -> None:
+    """EPD: the encoders' time for this request in the answer's `Server-Timing: encode;dur=MS` header
+    (the standard header for a server's own breakdown of a request). Per request rather than only the
+    /metrics counter: a benchmark then gets a distribution for exactly the requests it sent, not a sum
+    that lumps in warm-up and everyone else's traffic between two scrapes."""
+    seconds = request.get(ENCODE_SECONDS)
+    if seconds is not None:
+        response.headers["Server-Timing"] = f"encode;dur={seconds * 1000:.3f}"
 
 
 async def _sessions(app: web.Application):
@@ -588,8 +602,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
         given_parts = body.pop("embed_parts", None)  # only the proxy names encoders to a worker
         images = images_of(body) if "encoder" in px.pools else None
         if images:
+            t_enc = time.perf_counter()
             try:
                 body["embed_parts"] = await encode(px, px.pools["encoder"], body, images, px.encode)
+                request[ENCODE_SECONDS] = time.perf_counter() - t_enc
+                # the workers need the images' count only, which embed_parts carries: not megabytes of
+                # base64 to sign, send and parse twice more (chat keeps its parts: they place the images)
+                body.pop("image_data", None)
             except EncodeFailed as e:
                 resp = json_error(e.message, e.status, "invalid_request_error" if e.status < 500 else "proxy_error")
                 return resp

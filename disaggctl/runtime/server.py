@@ -142,6 +142,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
             metavar="NAME=URL",
             help="an encoder of this deployment (repeat): image embeddings come from these; the vision tower is not loaded",
         )
+        ap.add_argument(
+            "--embed-buffer-mb",
+            type=int,
+            default=64,
+            help="with --encoder-peer: registered memory the encoders write image embeddings into (MiB)",
+        )
     if role in ("prefill", "decode"):
         ap.add_argument("--advertise-host", default=None, help="address peers use to reach this process")
         ap.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma", "nvlink"])
@@ -176,6 +182,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace, role: str)
             prefill_bootstraps(args.prefill_bootstrap)
     except ValueError as e:
         ap.error(str(e))
+    if role in ("prefill", "colocated") and args.embed_buffer_mb < 1:
+        ap.error(f"--embed-buffer-mb must be >= 1, got {args.embed_buffer_mb}")
     if role in ("prefill", "decode") and args.transfer_timeout <= 0:
         ap.error("--transfer-timeout must be > 0")
 

@@ -245,6 +245,14 @@ def check_roles(topology: Topology, rej: Rejections) -> None:
             )
         if role.bootstrap_port is not None and role_name != "prefill":
             rej.add((*where, "bootstrap_port"), "only prefill has a bootstrap port")
+        if role.embed_buffer_mb is not None:
+            if t.engine != "embedded":
+                rej.add((*where, "embed_buffer_mb"), "an embedded-runtime knob: SGLang sizes its own buffers")
+            elif role_name not in ("encoder", "prefill") or not t.encoder:
+                rej.add(
+                    (*where, "embed_buffer_mb"),
+                    "only encoders and the prefills behind them (EPD) hold image embeddings",
+                )
         for j, nic in enumerate(role.nics or []):
             if not nic or "," in nic or any(c.isspace() for c in nic):
                 rej.add((*where, "nics", j), f"NIC name {nic!r} must be one device name")

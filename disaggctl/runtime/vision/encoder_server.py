@@ -40,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-batch", type=int, default=16, help="images encoded in one forward pass")
-    ap.add_argument("--buffer-mb", type=int, default=256, help="registered memory for held embeddings")
+    ap.add_argument(
+        "--embed-buffer-mb",
+        "--buffer-mb",
+        dest="buffer_mb",
+        type=int,
+        default=256,
+        help="registered memory for embeddings held until their prefill claims them (MiB)",
+    )
     ap.add_argument("--hold-timeout", type=float, default=60.0, help="seconds unclaimed embeddings are kept")
     ap.add_argument("--prefill-peer", action="append", default=[], metavar="NAME=URL")
     ap.add_argument("--advertise-host", default=None)
@@ -343,7 +350,7 @@ def main(argv: list[str]) -> int:
             if "=" not in p or not p.split("=", 1)[1].startswith("http"):
                 ap.error(f"--prefill-peer must be NAME=URL, got {p!r}")
         if args.max_batch < 1 or args.buffer_mb < 1:
-            ap.error("--max-batch and --buffer-mb must be >= 1")
+            ap.error("--max-batch and --embed-buffer-mb must be >= 1")
     except SystemExit as e:
         return int(e.code or 0)
     logging.basicConfig(level=args.log_level, format="%(asctime)s encoder %(levelname)s %(message)s")

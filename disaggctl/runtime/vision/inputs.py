@@ -21,7 +21,7 @@ from disaggctl.runtime.vision.images import ImageError, ImageSource, ProcessorCo
 
 log = logging.getLogger("disaggctl.runtime.vision.inputs")
 
-BUFFER_BYTES = 64 << 20
+DEFAULT_BUFFER_MB = 64
 
 
 class VisionInputs:
@@ -46,10 +46,13 @@ class VisionInputs:
             agent = engine.runner.agent
             if agent is None:
                 raise ValueError("a server that takes embeddings from encoders needs a Mooncake agent")
-            self.buffer = torch.empty(BUFFER_BYTES, dtype=torch.uint8, device=engine.device)
-            agent.register(self.buffer.data_ptr(), BUFFER_BYTES)
-            self.slots = SlotAllocator(BUFFER_BYTES)
-            self.layout = EmbedLayout(agent.session_id, self.buffer.data_ptr(), BUFFER_BYTES)
+            # a request's slot is held from its claim until the bytes are copied out: size it for the
+            # claims in flight x images a request x tokens an image x hidden x dtype bytes
+            size = int(getattr(args, "embed_buffer_mb", None) or DEFAULT_BUFFER_MB) << 20
+            self.buffer = torch.empty(size, dtype=torch.uint8, device=engine.device)
+            agent.register(self.buffer.data_ptr(), size)
+            self.slots = SlotAllocator(size)
+            self.layout = EmbedLayout(agent.session_id, self.buffer.data_ptr(), size)
 
     @property
     def local(self) -> bool:
@@ -122,7 +125,10 @@ class VisionInputs:
                 off = self.slots.alloc(nbytes)
                 if off is None:
                     raise InvalidRequest(
-                        "the embedding buffer is full; retry later", 503, "service_unavailable"
+                        f"the embedding buffer ({self.slots.size >> 20} MiB, --embed-buffer-mb) has no room "
+                        f"for {nbytes} bytes now; retry later",
+                        503,
+                        "service_unavailable",
                     )
                 taken.append(off)
                 calls.append(

@@ -175,6 +175,9 @@ class KVCache:
         self.head_start = head_start
         self.allocator = PageAllocator(num_pages)
         self.scratch_page = num_pages if scratch else None
+        # each (layer, part) view made once: a step asks for every layer's, and `flat_rows` remembers
+        # the rows of a view it has seen (a few microseconds a layer, which a small model's step notices)
+        self._parts = [[self.tensor[:, layer, part] for part in range(parts)] for layer in range(num_layers)]
 
     @property
     def num_pages(self) -> int:
@@ -219,18 +222,18 @@ class KVCache:
         """Keys of one layer: [num_pages, page_size, kv_heads, head_dim] (a strided view)."""
         if self.parts != 2:
             raise TypeError("a latent pool has no separate keys; read it with latent()")
-        return self.tensor[:, layer, 0]
+        return self._parts[layer][0]
 
     def v(self, layer: int):
         if self.parts != 2:
             raise TypeError("a latent pool has no separate values; read it with latent()")
-        return self.tensor[:, layer, 1]
+        return self._parts[layer][1]
 
     def latent(self, layer: int):
         """One layer of a latent pool as flat token rows: [rows, head_dim], slot `page * page_rows + offset`."""
         if self.parts != 1:
             raise TypeError("a K/V pool has no latent; read it with k() and v()")
-        return flat_rows(self.tensor[:, layer, 0])[:, 0]
+        return flat_rows(self._parts[layer][0])[:, 0]
 
     @staticmethod
     def page_bytes_all_layers(num_layers, page_size, num_kv_heads, head_dim, itemsize, parts: int = 2) -> int:
@@ -265,6 +268,15 @@ def flat_rows(pages):
     """A `[num_pages, page_size, heads, dim]` view of one layer's part (`KVCache.k`), as token rows
     `[rows, heads, dim]`: slot `page * page_rows + offset` is one row, where `page_rows` is the page stride
     over the row stride. The rows between pages belong to other layers and are never addressed."""
+    # kept on the view itself (KVCache makes each view once), so a step does not rebuild it per layer;
+    # a dict keyed by tensors cannot do this (tensor == tensor is elementwise)
+    rows = pages.__dict__.get("_flat_rows")
+    if rows is None:
+        rows = pages.__dict__["_flat_rows"] = _flat_rows(pages)
+    return rows
+
+
+def _flat_rows(pages):
     num_pages, page_size = pages.shape[:2]
     row_stride = pages.stride(1)
     if pages.stride(0) % row_stride or any(

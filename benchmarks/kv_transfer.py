@@ -152,16 +152,21 @@ def per_page_batches(src: KvLayout, src_pages, dst: KvLayout, dst_pages):
     return srcs, dsts, [src.page_bytes] * len(srcs)
 
 
-def interleaved_medians(cases: list[tuple[str, int, object, int]]) -> dict[str, float]:
-    """Median seconds per case, taking the cases in turn each round so drift and noise hit all of them alike."""
+def interleaved_medians(cases: list[tuple[str, int, object, int]], settle=None) -> dict[str, float]:
+    """Median seconds per case, taking the cases in turn each round so drift and noise hit all of them alike.
+    `settle`: waits for device work this process issued (a copy still in flight when a call returns would
+    otherwise be paid by the next case), inside each timing and before it."""
     times: dict[str, list[float]] = {name: [] for name, *_ in cases}
+    settle = settle or (lambda: None)
     for _, _, fn, _ in cases:
         fn()  # warm-up: handshake, descriptor cache, page faults
     for rnd in range(max(reps for *_, reps in cases)):
         for name, _, fn, reps in cases:
             if rnd < reps:
+                settle()
                 began = time.perf_counter()
                 fn()
+                settle()
                 times[name].append(time.perf_counter() - began)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -243,7 +248,8 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
                 if args.diagnose:
                     cases += [("raw-agent", 1, raw_via_agent, args.reps)]
                     cases += [("merged-direct", cases[1][1], merged_direct, args.reps)]
-                medians = interleaved_medians(cases)
+                on_gpu = args.device.startswith("cuda")
+                medians = interleaved_medians(cases, torch.cuda.synchronize if on_gpu else None)
                 # a transport that reports success without moving the bytes would make every number a lie
                 merged()
                 child.stdin.write(f"digest {DST_FIRST_PAGE} {pages} {tokens}\n")

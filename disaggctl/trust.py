@@ -99,6 +99,18 @@ class DeploymentKey:
             return cls._from_hex(env[ENV_HEX], ENV_HEX)
         return None
 
+    @classmethod
+    def for_server(cls, what: str, required: bool) -> DeploymentKey | None:
+        """`from_env` for a server process starting: AuthError, with what to do, when the secret is
+        unreadable or, where `required` (a server with internal endpoints), missing."""
+        key = cls.from_env()
+        if key is None and required:
+            raise AuthError(
+                f"{what} needs the deployment secret: set {ENV_FILE} (a 0600 file with the hex secret) or "
+                f"{ENV_HEX}; `disaggctl up` does this"
+            )
+        return key
+
     def env(self, path: str | Path | None = None) -> dict[str, str]:
         """The environment that hands this key to a child process: the file when given, else the hex."""
         return {ENV_FILE: str(path)} if path is not None else {ENV_HEX: self.hex()}

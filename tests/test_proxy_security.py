@@ -480,3 +480,23 @@ def test_a_decode_that_stops_answering_health_has_its_requests_ended(stream, sto
         assert not seen[d.url]["healthy"] and seen[d.url]["in_flight"] == 0
 
     run(scenario)
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode", "encoder"])
+def test_servers_with_internal_endpoints_refuse_to_start_without_the_key(role, tmp_path):
+    argv = [
+        sys.executable,
+        "-m",
+        "disaggctl",
+        "serve",
+        role,
+        "--model",
+        "builtin:tiny",
+        "--port",
+        str(free_port()),
+    ]
+    argv += {"prefill": ["--bootstrap-port", str(free_port())], "decode": [], "encoder": []}[role]
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_FILE, ENV_HEX)}
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2, r
+    assert "needs the deployment secret" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -817,16 +817,9 @@ async def serve(
     stop = stop or asyncio.Event()
     httpkit.stop_on_signals(stop)
     try:
-        key = DeploymentKey.from_env()
+        key = DeploymentKey.for_server(f"a {role_name} server", required=role_name in ("prefill", "decode"))
     except AuthError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if key is None and role_name in ("prefill", "decode"):
-        print(
-            f"error: a {role_name} server needs the deployment secret: set DISAGGCTL_SECRET_FILE (a 0600 file "
-            "with the hex secret) or DISAGGCTL_SECRET; `disaggctl up` does this",
-            file=sys.stderr,
-        )
         return 2
     server = Server(role_name, args, model_dir, key)
     try:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -292,20 +290,11 @@ class Encoder:
 
 async def serve(args: argparse.Namespace, model_dir: str) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
+    httpkit.stop_on_signals(stop)
     try:
-        key = DeploymentKey.from_env()
+        key = DeploymentKey.for_server("an encoder", required=True)
     except AuthError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if key is None:
-        print(
-            "error: an encoder needs the deployment secret (DISAGGCTL_SECRET_FILE); `disaggctl up` sets it",
-            file=sys.stderr,
-        )
         return 2
     enc = Encoder(args, model_dir, key)
     app = web.Application(client_max_size=MAX_BODY_BYTES)

@@ -26,18 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-QWEN25_05B_SHAPE = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
+# the shape benchmarks/decode.py measures (this script's folder is on sys.path when it runs)
+from decode import QWEN25_05B_SHAPE  # noqa: E402
 
 
 def free_port() -> int:

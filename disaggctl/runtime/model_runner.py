@@ -66,7 +66,7 @@ class ModelRunner:
         # the paged Triton kernel for decode rows on CUDA; the torch reference elsewhere
         self.paged_decode = on_cuda and _have_triton()
         self.use_graphs = (
-            config.cuda_graph and self.paged_decode and getattr(self.model, "cuda_graphs", False)
+            config.cuda_graph and self.paged_decode and self.model.cuda_graphs
         )
         shape = pool_shape(mc, self.tp)
         pages = num_pages or config.max_pages or self._default_pages(max_len, shape)

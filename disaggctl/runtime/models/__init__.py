@@ -11,7 +11,7 @@ from disaggctl.runtime.config import ARCHITECTURES, ConfigError, ModelConfig
 
 def model_class(cfg: ModelConfig):
     """The class that implements `cfg.architecture` (imported on demand: it pulls in torch)."""
-    if getattr(cfg, "vision", None) is not None:
+    if cfg.vision is not None:
         from disaggctl.runtime.models.llava import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration

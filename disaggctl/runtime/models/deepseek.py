@@ -63,7 +63,7 @@ def decode_slots(meta: AttentionMeta) -> tuple[torch.Tensor, torch.Tensor] | Non
     derived from those once per step."""
     if meta.decode_slots is not None:
         return meta.decode_slots, meta.decode_mask
-    if getattr(meta, "decode_table", None) is None:
+    if meta.decode_table is None:
         return None
     if "latent_decode" not in meta.cache:
         table, lens = meta.decode_table.long(), meta.decode_lens.long()

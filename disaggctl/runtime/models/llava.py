@@ -16,13 +16,16 @@ from disaggctl.runtime.models.llama import LlamaForCausalLM
 
 
 class LlavaForConditionalGeneration(nn.Module):
+    # decode steps run eagerly: the graphs are captured around the language model's forward, not this one
+    cuda_graphs = False
+
     def __init__(self, cfg, tp=None):
         super().__init__()
         self.config = cfg
         self.language_model = LlamaForCausalLM(cfg, tp)
         self.tp = self.language_model.tp
         # a language-only server (an EPD prefill, a decode) leaves the vision tower to the encoders
-        if getattr(cfg, "load_vision", True):
+        if cfg.load_vision:
             self.vision_tower = VisionTower(cfg.vision)
             self.multi_modal_projector = Projector(cfg.vision, cfg.hidden_size)
         else:

@@ -165,8 +165,9 @@ def test_local_ep_example_comes_up_and_answers(tmp_path, monkeypatch, cli):
     from pathlib import Path
 
     import yaml
+    from conftest import free_block
     from hf_reference import hf_greedy
-    from test_pd_e2e import free_block, greedy, post, prompt
+    from test_pd_e2e import greedy, post, prompt
 
     from disaggctl.runtime.builtin import resolve_model
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import wait_for
+from conftest import free_block, wait_for
 from hf_reference import IMAGE_TOKEN, hf_llava_greedy, save_random_llava, tiny_tokenizer_dir
 from test_bench_e2e import run_bench
 from test_llava import random_image
-from test_pd_e2e import Deployment, free_block, metrics, post
+from test_pd_e2e import Deployment, metrics, post
 
 from disaggctl.runtime.vision.images import (
     MAX_IMAGE_BYTES,

@@ -117,8 +117,9 @@ def test_pd_with_expert_parallelism_on_both_sides_equals_transformers(moe_dir, t
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
+    from conftest import free_block
     from hf_reference import hf_greedy as hf_greedy_dir
-    from test_pd_e2e import Deployment, free_block, greedy, post, prompt
+    from test_pd_e2e import Deployment, greedy, post, prompt
 
     home = tmp_path / "home"
     home.mkdir()

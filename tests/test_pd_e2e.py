@@ -8,7 +8,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, wait_for
+from conftest import free_block, free_port, wait_for
 from hf_reference import hf_greedy, save_random_model, tiny_tokenizer_dir
 
 HTTP_TIMEOUT_S = 60
@@ -104,26 +103,6 @@ def metrics(url: str) -> dict[str, float]:
 
 
 # ---- deployments ----
-
-
-def free_block(n: int) -> int:
-    """The first of `n` consecutive free loopback ports."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free ports")
 
 
 class Deployment:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import free_port
+from conftest import free_block, free_port
 
 from disaggctl.topology.load import load_topology
 from disaggctl.topology.plan import build_plan
@@ -66,6 +66,7 @@ def stand_in_python(tmp_path: Path) -> tuple[str, Path]:
 def test_up_runs_the_rendered_sglang_commands(cli, disaggctl_home, tmp_path):
     python, records = stand_in_python(tmp_path)
     ports = [free_port() for _ in range(5)]
+    ports[2] = free_block(2)  # the two decodes listen on ports[2] and ports[2] + 1
     topo = tmp_path / "sglang.yaml"
     topo.write_text(
         f"""\

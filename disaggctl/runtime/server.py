@@ -866,7 +866,13 @@ def main(role: str, argv: list[str]) -> int:
         check_args(ap, args, role)
     except SystemExit as e:  # argparse already printed the usage and the message
         return int(e.code or 0)
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    return run(role, args, lambda model_dir: serve(role, args, model_dir))
+
+
+def run(label: str, args: argparse.Namespace, serve_model) -> int:
+    """What every server process does once its arguments are good: log as `label`, resolve the model
+    (`builtin:` names, hub ids) and run `serve_model(model_dir)` (a coroutine) until it ends."""
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {label} %(levelname)s %(message)s")
     from disaggctl.runtime.builtin import ModelError, resolve_model
 
     try:
@@ -875,6 +881,6 @@ def main(role: str, argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(role, args, model_dir))
+        return asyncio.run(serve_model(model_dir))
     except KeyboardInterrupt:
         return 130

@@ -342,15 +342,6 @@ def main(argv: list[str]) -> int:
             ap.error("--max-batch and --embed-buffer-mb must be >= 1")
     except SystemExit as e:
         return int(e.code or 0)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s encoder %(levelname)s %(message)s")
-    from disaggctl.runtime.builtin import ModelError, resolve_model
+    from disaggctl.runtime.server import run
 
-    try:
-        model_dir = resolve_model(args.model)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(serve(args, model_dir))
-    except KeyboardInterrupt:
-        return 130
+    return run("encoder", args, lambda model_dir: serve(args, model_dir))

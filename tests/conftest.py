@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import sys
 import time
 
+import psutil
 import pytest
 
 
@@ -48,6 +51,42 @@ def wait_for(check, timeout_s: float, what: str, interval: float = 0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval)
+
+
+def reap(home_prefix: str) -> list[int]:
+    """Kill what a test's deployments left running: every process whose DISAGGCTL_HOME lies under
+    `home_prefix`, with its process group (servers start in groups of their own). A test's own `down`
+    and assertions come first; this runs after them, so a failed or hung `down` leaks nothing."""
+    me, my_group = os.getpid(), os.getpgrp()
+    killed = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == me or not proc.environ().get("DISAGGCTL_HOME", "").startswith(home_prefix):
+                continue
+            group = os.getpgid(proc.pid)
+            if group == my_group:
+                os.kill(proc.pid, signal.SIGKILL)
+            else:
+                os.killpg(group, signal.SIGKILL)
+            killed.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return killed
+
+
+@pytest.fixture(autouse=True)
+def _reap_test_deployments(request):
+    # taken now, so tmp_path outlives this fixture's teardown
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp is not None:
+        reap(str(tmp))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reap_session_deployments(tmp_path_factory):
+    yield
+    reap(str(tmp_path_factory.getbasetemp()))  # module-scoped deployments (tmp_path_factory) too
 
 
 @pytest.fixture

@@ -163,39 +163,9 @@ def deepseek_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_pd_with_expert_parallelism_on_both_sides_equals_transformers(deepseek_dir, tmp_path):
     """Prefill and decode each tp 2 / ep 2: every decode rank gets the whole latent from one prefill rank."""
-    import json
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
+    from test_moe import pd_ep2_equals_transformers
 
-    from conftest import free_block
-    from hf_reference import hf_greedy as hf_greedy_dir
-    from test_pd_e2e import Deployment, greedy, post, prompt
-
-    home = tmp_path / "home"
-    home.mkdir()
-    d = Deployment([sys.executable, "-m", "disaggctl"], home, tmp_path, deepseek_dir, 1, 1)
-    d.file.write_text(
-        f"""\
-name: ds-pd
-model: {{path: {json.dumps(deepseek_dir)}}}
-hosts:
-  - {{name: local, address: 127.0.0.1, gpus: 0, python: {json.dumps(sys.executable)}}}
-transfer: {{protocol: tcp, timeout_s: 10}}
-prefill: {{tp: 2, ep: 2, port: {free_block(1)}, bootstrap_port: {free_block(1)}, page_size: 4, chunk_size: 8}}
-decode: {{tp: 2, ep: 2, port: {free_block(1)}, page_size: 4}}
-proxy: {{host: local, port: {d.proxy.rsplit(":", 1)[1]}}}
-"""
-    )
-    try:
-        d.up()
-        cases = [(prompt(n, seed), m) for seed, (n, m) in enumerate([(1, 6), (9, 8), (23, 10)])]
-        with ThreadPoolExecutor(len(cases)) as pool:
-            got = list(pool.map(lambda c: post(d.proxy + "/generate", greedy(*c)), cases))
-        for (ids, n), (status, body) in zip(cases, got, strict=True):
-            assert status == 200, body
-            assert body["output_ids"] == hf_greedy_dir(deepseek_dir, ids, n), f"{len(ids)}-token prompt"
-    finally:
-        d.down()
+    pd_ep2_equals_transformers(deepseek_dir, tmp_path, "ds-pd")
 
 
 def test_decode_slots_from_a_paged_kernel_meta_equal_the_gathered_ones():

@@ -113,6 +113,15 @@ def moe_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_pd_with_expert_parallelism_on_both_sides_equals_transformers(moe_dir, tmp_path):
+    def ep_in_argv(d) -> None:
+        assert "--ep-size" in " ".join(psutil_cmdline(d.procs["prefill-0"]["pid"]))
+
+    pd_ep2_equals_transformers(moe_dir, tmp_path, "ep-pd", ep_in_argv)
+
+
+def pd_ep2_equals_transformers(model_dir: str, tmp_path, name: str, check=None) -> None:
+    """`up` a 1P1D deployment of `model_dir` with tp 2 / ep 2 on both sides; greedy output through the
+    proxy must equal transformers. `check(deployment)` runs once it is up."""
     import json
     import sys
     from concurrent.futures import ThreadPoolExecutor
@@ -123,11 +132,11 @@ def test_pd_with_expert_parallelism_on_both_sides_equals_transformers(moe_dir, t
 
     home = tmp_path / "home"
     home.mkdir()
-    d = Deployment([sys.executable, "-m", "disaggctl"], home, tmp_path, moe_dir, 1, 1)
+    d = Deployment([sys.executable, "-m", "disaggctl"], home, tmp_path, model_dir, 1, 1)
     d.file.write_text(
         f"""\
-name: ep-pd
-model: {{path: {json.dumps(moe_dir)}}}
+name: {name}
+model: {{path: {json.dumps(model_dir)}}}
 hosts:
   - {{name: local, address: 127.0.0.1, gpus: 0, python: {json.dumps(sys.executable)}}}
 transfer: {{protocol: tcp, timeout_s: 10}}
@@ -138,13 +147,14 @@ proxy: {{host: local, port: {d.proxy.rsplit(":", 1)[1]}}}
     )
     try:
         d.up()
-        assert "--ep-size" in " ".join(psutil_cmdline(d.procs["prefill-0"]["pid"]))
+        if check is not None:
+            check(d)
         cases = [(prompt(n, seed), m) for seed, (n, m) in enumerate([(1, 6), (9, 8), (23, 10)])]
         with ThreadPoolExecutor(len(cases)) as pool:
             got = list(pool.map(lambda c: post(d.proxy + "/generate", greedy(*c)), cases))
         for (ids, n), (status, body) in zip(cases, got, strict=True):
             assert status == 200, body
-            assert body["output_ids"] == hf_greedy_dir(moe_dir, ids, n), f"{len(ids)}-token prompt"
+            assert body["output_ids"] == hf_greedy_dir(model_dir, ids, n), f"{len(ids)}-token prompt"
     finally:
         d.down()
 

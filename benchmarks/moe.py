@@ -22,17 +22,18 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
+# the decode loop benchmarks/tp.py measures TP with (this script's folder is on sys.path when it runs)
+from tp import decode_run  # noqa: E402
+
 from disaggctl.runtime.config import EngineConfig
-from disaggctl.runtime.engine import Engine, Request
+from disaggctl.runtime.engine import Engine
 from disaggctl.runtime.models.deepseek import DeepseekMoE
 from disaggctl.runtime.parallel import TensorParallel
-from disaggctl.runtime.sampling import SamplingParams
 
 LAYOUTS = [("tp1", 1, 1), ("tp2-ep1", 2, 1), ("tp2-ep2", 2, 2)]
 
@@ -96,29 +97,6 @@ class AllReduceClock:
         self.total = self.moe = 0.0
 
 
-def decode_run(engine: Engine, batch: int, prompt_len: int, new_tokens: int, seed: int) -> tuple[float, list]:
-    g = torch.Generator().manual_seed(seed)
-    done = threading.Event()
-    outputs: dict[str, list[int]] = {}
-    left = [batch]
-
-    def on_event(ev):
-        outputs.setdefault(ev.rid, []).extend(ev.token_ids)
-        if ev.finished:
-            left[0] -= 1
-            if left[0] == 0:
-                done.set()
-
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    t0 = time.perf_counter()
-    for i in range(batch):
-        ids = torch.randint(3, 4000, (prompt_len,), generator=g).tolist()
-        engine.add_request(Request(f"{seed}-{i}", ids, params, on_event=on_event))
-    if not done.wait(900):
-        raise RuntimeError("decode run did not finish")
-    return batch * new_tokens / (time.perf_counter() - t0), [outputs[k] for k in sorted(outputs)]
-
-
 def bench(model: str, args) -> list[dict]:
     clock = AllReduceClock()
     rows, tokens = [], {}
@@ -135,13 +113,15 @@ def bench(model: str, args) -> list[dict]:
         engine = Engine(config)
         engine.start()
         try:
-            decode_run(engine, args.batch, args.prompt_len, 4, 999)  # warm-up
+            decode_run(engine, args.batch, args.prompt_len, 4, 999, timeout_s=900)  # warm-up
             rates, per_step, moe_step, step_ms = [], [], [], []
             for r in range(args.repeats):
                 clock.reset()
                 steps0 = engine.counters["steps"]
                 t0 = time.perf_counter()
-                rate, out = decode_run(engine, args.batch, args.prompt_len, args.new_tokens, 100 + r)
+                rate, out = decode_run(
+                    engine, args.batch, args.prompt_len, args.new_tokens, 100 + r, timeout_s=900
+                )
                 wall = time.perf_counter() - t0
                 steps = engine.counters["steps"] - steps0
                 rates.append(rate)

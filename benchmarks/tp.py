@@ -57,7 +57,10 @@ def build_model(out: Path, layers: int) -> None:
     (out / "tokenizer.json").write_text("{}")  # the engine alone reads no tokenizer
 
 
-def decode_run(engine: Engine, batch: int, prompt_len: int, new_tokens: int, seed: int) -> tuple[float, list]:
+def decode_run(
+    engine: Engine, batch: int, prompt_len: int, new_tokens: int, seed: int, timeout_s: float = 600
+) -> tuple[float, list]:
+    """Decode tok/s of `batch` random prompts run to `new_tokens` each (greedy, EOS ignored), and the outputs."""
     g = torch.Generator().manual_seed(seed)
     done = threading.Event()
     outputs: dict[str, list[int]] = {}
@@ -75,7 +78,7 @@ def decode_run(engine: Engine, batch: int, prompt_len: int, new_tokens: int, see
     for i in range(batch):
         ids = torch.randint(3, 4000, (prompt_len,), generator=g).tolist()
         engine.add_request(Request(f"{seed}-{i}", ids, params, on_event=on_event))
-    if not done.wait(600):
+    if not done.wait(timeout_s):
         raise RuntimeError("decode run did not finish")
     return batch * new_tokens / (time.perf_counter() - t0), [outputs[k] for k in sorted(outputs)]
 

@@ -8,6 +8,9 @@ import shutil
 
 import torch
 
+# the image token and its tokenizer entry as the runtime's built-in LLaVA spells them
+from disaggctl.runtime.builtin_llava import add_image_token
+
 
 def save_random_model(
     config, out_dir, tokenizer_dir: str, seed: int = 0, perturb_biases: bool = False, prepare=None
@@ -61,9 +64,6 @@ def hf_greedy(model_dir: str, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-IMAGE_TOKEN = "<image>"
-
-
 def save_random_llava(
     out_dir, tokenizer_dir: str, seed: int = 0, text: str = "qwen2", image_size: int = 32
 ) -> str:
@@ -82,18 +82,7 @@ def save_random_llava(
     )
 
     tok = json.loads(open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8").read())
-    image_id = len(tok["model"]["vocab"])
-    tok["added_tokens"].append(
-        {
-            "id": image_id,
-            "content": IMAGE_TOKEN,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-    )
+    image_id = add_image_token(tok)
     text_cls = Qwen2Config if text == "qwen2" else LlamaConfig
     text_cfg = text_cls(
         vocab_size=image_id + 16,

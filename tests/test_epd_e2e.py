@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import free_block, wait_for
-from hf_reference import IMAGE_TOKEN, hf_llava_greedy, save_random_llava, tiny_tokenizer_dir
+from hf_reference import hf_llava_greedy, save_random_llava, tiny_tokenizer_dir
 from test_bench_e2e import run_bench
 from test_llava import random_image
 from test_pd_e2e import Deployment, metrics, post
 
+from disaggctl.runtime.builtin_llava import IMAGE_TOKEN
 from disaggctl.runtime.vision.images import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,

@@ -54,17 +54,10 @@ def config(image_id: int) -> dict:
     }
 
 
-def write_tiny_llava(out: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    from disaggctl.runtime import builtin
-    from disaggctl.runtime.config import ModelConfig
-    from disaggctl.runtime.models.llava import LlavaForConditionalGeneration
-
-    tok = json.loads(builtin.tiny_tokenizer_json())
-    image_id = len(tok["model"]["vocab"])
-    tok["added_tokens"].append(
+def add_image_token(tokenizer: dict) -> int:
+    """Add `IMAGE_TOKEN` to a tokenizer.json document as a special token after its vocabulary; its id."""
+    image_id = len(tokenizer["model"]["vocab"])
+    tokenizer["added_tokens"].append(
         {
             "id": image_id,
             "content": IMAGE_TOKEN,
@@ -75,6 +68,19 @@ def write_tiny_llava(out: Path) -> None:
             "special": True,
         }
     )
+    return image_id
+
+
+def write_tiny_llava(out: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from disaggctl.runtime import builtin
+    from disaggctl.runtime.config import ModelConfig
+    from disaggctl.runtime.models.llava import LlavaForConditionalGeneration
+
+    tok = json.loads(builtin.tiny_tokenizer_json())
+    image_id = add_image_token(tok)
     cfg = config(image_id)
     with torch.device("meta"):
         shapes = LlavaForConditionalGeneration(ModelConfig.from_hf_dict(cfg)).state_dict()

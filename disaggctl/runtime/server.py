@@ -50,7 +50,7 @@ MIN_BODY_BYTES = 1024 * 1024
 
 def body_limit(max_model_len: int, max_token_bytes: int | None) -> int:
     """The largest body a request that fits the context can need: every token's text, JSON-escaped (a
-    `\\uXXXX` escape is 6 bytes), plus room for chat structure and sampling parameters."""
+    `\\u` escape with its four hex digits is 6 bytes), plus room for chat structure and sampling parameters."""
     per_token = 6 * (max_token_bytes or 16) + 8
     return max(MIN_BODY_BYTES, min(MAX_BODY_BYTES, max_model_len * per_token))
 

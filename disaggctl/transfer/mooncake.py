@@ -34,10 +34,11 @@ _RDMA_SYSFS = Path("/sys/class/infiniband")
 # The 0.3.13 TCP transport rejects a batch of more than ~2k entries outright ("TCP lane queue-full"),
 # whatever MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER says; larger writes go out as consecutive batches.
 MAX_BATCH_ENTRIES = 1024
-# Over same-host NVLink, Mooncake's batch call cuts every range into slices and copies those one by one
-# (H200, 2026-12-03: one 192 MiB range 1.57 ms through a batch, 0.21 ms through the single-range call);
-# its single-range call copies a range at once. A few ranges (a page-major prompt is one per page run) go
-# one call each; many ranges stay one batch, which amortises its fixed cost over them.
+# Over same-host NVLink a few ranges (a page-major prompt is one per page run) go through Mooncake's
+# single-range call, one each; many ranges stay one batch, which amortises its fixed cost over them. On an
+# H200 (2026-12-03, docs/benchmarks.md §11) this took a one-range hand-off of 16k tokens from 1.57 to
+# 1.46 ms and of 1k tokens from 0.54 to 0.45 ms: a small gain. Most of the gap to one raw write lies in
+# where the destination range starts in the peer's buffer, not in the call used.
 NVLINK_SINGLE_WRITES_UPTO = 16
 
 

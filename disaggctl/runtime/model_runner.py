@@ -65,9 +65,7 @@ class ModelRunner:
         on_cuda = device.startswith("cuda")
         # the paged Triton kernel for decode rows on CUDA; the torch reference elsewhere
         self.paged_decode = on_cuda and _have_triton()
-        self.use_graphs = (
-            config.cuda_graph and self.paged_decode and self.model.cuda_graphs
-        )
+        self.use_graphs = config.cuda_graph and self.paged_decode and self.model.cuda_graphs
         shape = pool_shape(mc, self.tp)
         pages = num_pages or config.max_pages or self._default_pages(max_len, shape)
         self.kv_cache = KVCache.of_shape(
@@ -78,7 +76,7 @@ class ModelRunner:
         self.graphs = None
         self.agent = None
         if config.cuda_graph and on_cuda and not self.use_graphs:
-            why = "Triton is not installed" if not self.paged_decode else "the model's forward syncs the host"
+            why = "Triton is not installed" if not self.paged_decode else "this model's step cannot be a graph"
             log.info("decode steps run eagerly: %s", why)
 
     def capture_graphs(self, sample_rows: bool = True) -> None:

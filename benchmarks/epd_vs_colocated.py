@@ -23,11 +23,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+# up, measure, down: as benchmarks/pd_vs_colocated.py does it (this script's folder is on sys.path)
+from pd_vs_colocated import run_one  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 
 from disaggctl.bench import client, metrics, report, workload
-from disaggctl.bench.run import BenchInputError, Progress, Settings, deployment_url, measure
+from disaggctl.bench.run import BenchInputError, Progress, Settings, measure
 
 ROWS = (
     ("TTFT mean ms", "mean_ttft_ms"),
@@ -100,26 +102,6 @@ def bench(url: str, args: argparse.Namespace, err: Console) -> dict:
     return report.result_document(metrics.summarize(records, duration), context)
 
 
-def cli(*argv: str, timeout: float) -> int:
-    return subprocess.run([sys.executable, "-m", "disaggctl", *argv], timeout=timeout).returncode
-
-
-def run_one(name: str, topology: str, url: str | None, args: argparse.Namespace, err: Console) -> dict:
-    """Bring the topology up (unless a URL was given), measure, bring it down."""
-    if url is not None:
-        return bench(url, args, err)
-    if not Path(topology).exists():
-        raise BenchInputError(f"{topology}: no such topology file")
-    err.print(f"[bold]{name}[/bold]: disaggctl up {topology}", highlight=False)
-    try:
-        if cli("up", topology, timeout=args.up_timeout) != 0:
-            raise BenchInputError(f"`disaggctl up {topology}` failed (see `disaggctl logs`)")
-        proxy, _ = deployment_url()
-        return bench(proxy, args, err)
-    finally:
-        cli("down", timeout=120)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     err = Console(stderr=True, soft_wrap=True)
@@ -129,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             ("colocated", args.colocated, args.colocated_url),
             ("epd", args.epd, args.epd_url),
         ):
-            results[name] = run_one(name, topology, url, args, err)
+            results[name] = run_one(name, topology, url, args, err, at=lambda u: bench(u, args, err))
     except (BenchInputError, workload.WorkloadError, client.Unreachable, client.StreamError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         return 1

@@ -133,10 +133,12 @@ def cli(*argv: str, timeout: float) -> int:
     return subprocess.run([sys.executable, "-m", "disaggctl", *argv], timeout=timeout).returncode
 
 
-def run_one(name: str, topology: str, url: str | None, args: argparse.Namespace, err: Console):
-    """Bring the topology up (unless a URL was given), measure, bring it down."""
+def run_one(name: str, topology: str, url: str | None, args: argparse.Namespace, err: Console, at=None):
+    """Bring the topology up (unless a URL was given), measure, bring it down. `at(url)` measures (default:
+    this script's mixed load); `args.up_timeout` bounds `up`."""
+    at = at or (lambda u: asyncio.run(measure(u, args, err)))
     if url is not None:
-        return asyncio.run(measure(url, args, err))
+        return at(url)
     if not Path(topology).exists():
         raise BenchInputError(f"{topology}: no such topology file")
     err.print(f"[bold]{name}[/bold]: disaggctl up {topology}", highlight=False)
@@ -144,7 +146,7 @@ def run_one(name: str, topology: str, url: str | None, args: argparse.Namespace,
         if cli("up", topology, timeout=args.up_timeout) != 0:
             raise BenchInputError(f"`disaggctl up {topology}` failed (see `disaggctl logs`)")
         proxy, _ = deployment_url()
-        return asyncio.run(measure(proxy, args, err))
+        return at(proxy)
     finally:
         cli("down", timeout=120)
 

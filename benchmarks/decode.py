@@ -226,6 +226,7 @@ def bench(args) -> tuple[list[dict], dict]:
             chunk_size=max(args.prompt_len * max(batches), 512),
             max_model_len=max_len,
             cuda_graph=args.cuda_graph,
+            overlap_schedule=None if args.overlap else False,
         )
     )
     graphs = engine.runner.graphs
@@ -266,6 +267,7 @@ def bench(args) -> tuple[list[dict], dict]:
                 "new_tokens": args.new_tokens,
                 "repeats": args.repeats,
                 "cuda_graphs": graphs is not None,
+                "overlap_schedule": engine.overlap,
                 "graph_capture_s": capture_s,
                 "engine_tok_s": round(ours_med, 1),
                 "transformers_tok_s": round(theirs_med, 1),
@@ -308,6 +310,12 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per side and batch; the median counts")
     ap.add_argument(
         "--no-cuda-graph", dest="cuda_graph", action="store_false", help="decode eagerly (CUDA only)"
+    )
+    ap.add_argument(
+        "--no-overlap",
+        dest="overlap",
+        action="store_false",
+        help="read each step's tokens back before queueing the next (the overlap is on by default on CUDA)",
     )
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ap.add_argument("--profile", metavar="DIR", help="also profile one engine run at the largest batch")

@@ -44,7 +44,7 @@ def test_paged_kernel_matches_the_torch_reference(dtype, lens):
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 
 
-def _engine(model: str, dtype: str, cuda_graph: bool, max_batch: int = 8):
+def _engine(model: str, dtype: str, cuda_graph: bool, max_batch: int = 8, overlap: bool | None = None):
     from disaggctl.runtime.config import EngineConfig
     from disaggctl.runtime.engine import Engine
 
@@ -56,6 +56,7 @@ def _engine(model: str, dtype: str, cuda_graph: bool, max_batch: int = 8):
         max_pages=256,
         max_batch=max_batch,
         cuda_graph=cuda_graph,
+        overlap_schedule=overlap,
     )
     return Engine(cfg)
 
@@ -87,10 +88,12 @@ def _generate(engine, prompts: list[list[int]], n: int) -> list[list[int]]:
 PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300], list(range(40, 77)), [9] * 20, [1, 2]]
 
 
-def test_graph_decode_in_fp32_equals_transformers(model_dir):  # noqa: F811
-    engine = _engine(model_dir, "float32", cuda_graph=True)
+@pytest.mark.parametrize("overlap", [None, False], ids=["overlap-by-default", "settled-each-step"])
+def test_graph_decode_in_fp32_equals_transformers(model_dir, overlap):  # noqa: F811
+    engine = _engine(model_dir, "float32", cuda_graph=True, overlap=overlap)
     try:
         assert engine.runner.graphs is not None, "no CUDA graphs were captured"
+        assert engine.overlap is (overlap is None)  # on by default on CUDA
         got = _generate(engine, PROMPTS, 12)
         replays = engine.runner.graphs.replays
     finally:

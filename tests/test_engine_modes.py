@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import re
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,14 @@ from disaggctl.runtime.engine import Engine, Request, RequestEvent
 from disaggctl.runtime.sampling import SamplingParams
 
 TIMEOUT_S = 30
+OVERLAP = False  # set per test by the `overlap_schedule` fixture
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["settled-each-step", "overlap"])
+def overlap_schedule(request, monkeypatch):
+    """Every test twice: each step settled before the next, and the next queued before the previous is
+    read (the CUDA default, forced here on the CPU)."""
+    monkeypatch.setattr(sys.modules[__name__], "OVERLAP", request.param)
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +37,11 @@ def tiny(tmp_path_factory):
     return str(out), hf
 
 
-def make_engine(path: str, **kw) -> Engine:
-    kw = {"max_pages": 48, "page_size": 4, "chunk_size": 5, **kw}
+def make_engine(path: str, start: bool = True, **kw) -> Engine:
+    kw = {"max_pages": 48, "page_size": 4, "chunk_size": 5, "overlap_schedule": OVERLAP, **kw}
     engine = Engine(EngineConfig(model=path, device="cpu", dtype="float32", **kw))
-    engine.start()
+    if start:
+        engine.start()
     return engine
 
 
@@ -253,7 +263,7 @@ def test_garbage_in_unwritten_kv_slots_never_reaches_the_output(tiny):
     path, hf = tiny
     batch = prompts(hf.config.vocab_size, lens=(3, 9, 14))
     want = [hf_greedy(hf, p)[0] for p in batch]
-    engine = Engine(EngineConfig(model=path, device="cpu", dtype="float32", max_pages=48, page_size=4))
+    engine = make_engine(path, start=False, chunk_size=512)
     engine.kv_cache.tensor.fill_(float("nan"))
     engine.start()
     events = Events()

@@ -66,15 +66,40 @@ def test_free_later_keeps_pages_out_until_due():
     a.check([pages[2:], [0, 1]])
 
 
+def test_fenced_pages_serve_local_steps_at_once_and_peers_only_once_the_step_is_done():
+    """Pages freed while a step still runs on the device may get that step's KV writes: our own later
+    steps (queued behind it) may reuse them, a peer's write (not ordered after it) may not."""
+    a = PageAllocator(6)
+    pages = a.allocate(4)
+    a.fence = 1  # step 1 is in flight
+    a.free(pages[:2])
+    assert a.num_free == 2 and a.num_fenced == 2 and a.available(local=False) == 2
+    assert a.allocate(3, local=False) is None
+    assert a.allocate(2, local=False) == [4, 5]
+    a.fence = 2
+    a.free(pages[2:3])  # behind step 2 now
+    local = a.allocate(1)
+    assert local == [0] and a.num_fenced == 2
+    a.unfence(1)  # step 1 done: page 1 is free, page 2 waits for step 2
+    assert a.num_free == 1 and a.num_fenced == 1 and a.allocate(1, local=False) == [1]
+    a.fence = None
+    a.unfence()
+    assert a.num_free == 1 and a.num_fenced == 0 and a.allocate(1, local=False) == [2]
+    a.check([local, [4, 5], [1], [2], pages[3:]])
+
+
 def test_random_operations_keep_bookkeeping_consistent():
     rng = random.Random(0)
     now = [0.0]
     a = PageAllocator(64, clock=lambda: now[0])
     owners: list[list[int]] = []
-    for _ in range(2000):
+    for step in range(2000):
+        a.fence = step if rng.random() < 0.5 else None
+        if rng.random() < 0.2:
+            a.unfence(step - rng.randint(0, 3))
         op = rng.random()
         if op < 0.5:
-            pages = a.allocate(rng.randint(1, 9))
+            pages = a.allocate(rng.randint(1, 9), local=rng.random() < 0.7)
             if pages is not None:
                 assert len(set(pages)) == len(pages)
                 owners.append(pages)
@@ -85,7 +110,7 @@ def test_random_operations_keep_bookkeeping_consistent():
         now[0] += 0.05
         a.check(owners)
     held = sum(len(p) for p in owners)
-    assert a.num_free + a.num_quarantined + held == 64
+    assert a.num_free + a.num_fenced + a.num_quarantined + held == 64
 
 
 def test_integrity_check_catches_a_shared_page():

@@ -188,16 +188,22 @@ def test_embedded_argv_is_what_serve_parses(tmp_path):
     assert (a.cuda_graph, d.cuda_graph) == (True, True)  # graphs are the engine's default
 
 
-def test_cuda_graph_false_reaches_both_engines(tmp_path):
+def test_cuda_graph_and_overlap_false_reach_both_engines(tmp_path):
+    from disaggctl.runtime.roles import engine_config
     from disaggctl.runtime.server import build_parser
 
-    text = HEAD + GPU_HOST + "prefill: {}\ndecode: {cuda_graph: false}\n"
+    text = HEAD + GPU_HOST + "prefill: {}\ndecode: {cuda_graph: false, overlap_schedule: false}\n"
     dec = plan_of(tmp_path, text).process("decode-0")
-    assert build_parser("decode").parse_args(dec.argv[5:]).cuda_graph is False
-    assert "--no-cuda-graph" not in plan_of(tmp_path, text).process("prefill-0").argv
+    args = build_parser("decode").parse_args(dec.argv[5:])
+    assert args.cuda_graph is False and args.overlap_schedule is False
+    assert engine_config("decode", args, "m").overlap_schedule is False
+    pre = plan_of(tmp_path, text).process("prefill-0")
+    assert not {"--no-cuda-graph", "--no-overlap-schedule"} & set(pre.argv)
+    # unset: the engine decides (on CUDA at tp 1)
+    assert engine_config("prefill", build_parser("prefill").parse_args(pre.argv[5:]), "m").overlap_schedule is None
     sgl = plan_of(tmp_path, text.replace("name: t\n", "name: t\nengine: sglang\n"))
-    assert "--disable-cuda-graph" in sgl.process("decode-0").argv
-    assert "--disable-cuda-graph" not in sgl.process("prefill-0").argv
+    assert {"--disable-cuda-graph", "--disable-overlap-schedule"} <= set(sgl.process("decode-0").argv)
+    assert not {"--disable-cuda-graph", "--disable-overlap-schedule"} & set(sgl.process("prefill-0").argv)
 
 
 def test_builtin_proxy_argv(tmp_path):

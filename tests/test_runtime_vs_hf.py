@@ -134,11 +134,12 @@ def engine_for(path: str, **kw) -> Engine:
     return Engine(EngineConfig(model=path, page_size=PAGE, device="cpu", dtype="float32", **kw))
 
 
-def test_greedy_matches_transformers(model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["settled-each-step", "overlap"])
+def test_greedy_matches_transformers(model, overlap):
     kind, path, batch, want = model
     # chunk sizes 1, page - 1, page + 1 and whole prompts on qwen3; two of them on the other families
     for chunk in [1, PAGE - 1, PAGE + 1, 64] if kind == "qwen3" else [PAGE - 1, 64]:
-        engine = engine_for(path, chunk_size=chunk)
+        engine = engine_for(path, chunk_size=chunk, overlap_schedule=overlap)
         got = run_staggered(engine, batch)
         for i, (tokens, logprobs) in enumerate(want):
             assert got[str(i)]["tokens"] == tokens, f"{kind} prompt {i} (len {len(batch[i])}), chunk {chunk}"
@@ -150,11 +151,12 @@ def test_greedy_matches_transformers(model):
         assert stats["generation_tokens"] == NEW_TOKENS * len(batch)
 
 
-def test_preemption_keeps_tokens(model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["settled-each-step", "overlap"])
+def test_preemption_keeps_tokens(model, overlap):
     """A pool far too small for the batch: requests are preempted and recomputed, tokens unchanged."""
     kind, path, batch, want = model
     # the longest request needs ceil((13 + 20) / 4) = 9 pages; 10 pages cannot hold two of them
-    engine = engine_for(path, chunk_size=PAGE + 1, max_pages=10)
+    engine = engine_for(path, chunk_size=PAGE + 1, max_pages=10, overlap_schedule=overlap)
     got = run_staggered(engine, batch)
     assert engine.stats()["preemptions"] > 0
     for i, (tokens, _) in enumerate(want):

@@ -97,3 +97,25 @@ def test_remote_kv_gets_pages_without_compute_and_max_batch_holds():
     assert plan(sch.schedule()) == [("n", 1), ("r", 1)]
     sch.remove(n)
     sch.check()
+
+
+def test_remote_kv_never_gets_a_page_a_step_in_flight_may_still_write():
+    alloc = PageAllocator(6)
+    sch = Scheduler(alloc, page_size=4, max_batch=4, chunk_size=8)
+    done = seq("done", 8)
+    sch.add(done)
+    run(sch.schedule())  # pages 0, 1 (and the step's sample)
+    alloc.fence = 1  # the engine queued step 1, which writes into done's pages
+    sch.remove(done)
+    r = seq("r", 20, mode="remote_kv")
+    sch.add(r)
+    step = sch.schedule()
+    assert step.kv_waits == [] and r.status == Status.WAITING  # needs 5: 4 free, 2 fenced: it waits
+    alloc.unfence(1)
+    step = sch.schedule()
+    assert step.kv_waits == [r] and len(r.pages) == 5
+    local = seq("local", 8)
+    alloc.fence = 2
+    sch.remove(r)  # fenced again; a local prefill may take them at once
+    sch.add(local)
+    assert plan(sch.schedule()) == [("local", 8)]

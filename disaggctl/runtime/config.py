@@ -318,6 +318,8 @@ class EngineConfig:
     vision: bool = True  # load a multimodal model's vision tower (False: the encoders run it)
     dist_timeout_s: float = 120.0  # bound on every collective: a dead rank fails its peers, never hangs them
     cuda_graph: bool = True  # replay decode steps as CUDA graphs (CUDA with Triton, dense models)
+    # queue each step on the device before reading the previous step's samples; None: on CUDA at tp_size 1
+    overlap_schedule: bool | None = None
 
     def validate(self, spell: Callable[[str], str] = str) -> None:
         """The one check of the engine's knobs, for an Engine built in code and for the server's command
@@ -350,6 +352,11 @@ class EngineConfig:
             raise ConfigError(
                 f"{spell('moe_a2a_backend')} mooncake exchanges tokens between expert-parallel ranks; "
                 f"set {spell('ep_size')}"
+            )
+        if self.overlap_schedule and self.tp_size > 1:
+            raise ConfigError(
+                f"the overlap schedule runs with {spell('tp_size')} 1 only: the other ranks need each step's "
+                "input tokens before it starts"
             )
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ConfigError(f"{spell('memory_fraction')} must be in (0, 1], got {self.memory_fraction}")

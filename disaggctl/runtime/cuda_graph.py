@@ -118,8 +118,9 @@ class DecodeGraphs:
             and all(q == 1 and len(pages) <= self.width for q, _, pages in slices)
         )
 
-    def replay(self, input_ids: list[int], positions: list[int], slices) -> torch.Tensor | None:
-        """Fill the static inputs, replay the bucket's graph; logits of the real rows (or None)."""
+    def replay(self, input_ids: list[int], positions: list[int], slices, fill=None) -> torch.Tensor | None:
+        """Fill the static inputs, replay the bucket's graph; logits of the real rows (or None). `fill`:
+        writes the ids the host does not know yet into the static ids (`model_runner.LateTokens.fill`)."""
         n = len(slices)
         size = next(b for b in self.sizes if b >= n)
         page = self.page_size
@@ -138,6 +139,8 @@ class DecodeGraphs:
         self.slots[:n].copy_(torch.from_numpy(slots), non_blocking=True)
         self.table[:n, :width].copy_(torch.from_numpy(table), non_blocking=True)
         self.lens[:n].copy_(torch.from_numpy(lens), non_blocking=True)
+        if fill is not None:
+            fill(self.input_ids)
         if size > n:  # rows a larger batch filled before: padding again
             self.slots[n:size].fill_(self.pad_slot)
             self.lens[n:size].zero_()

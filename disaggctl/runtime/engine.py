@@ -29,15 +29,15 @@ from typing import Any
 import torch
 
 from disaggctl.runtime.config import ConfigError, EngineConfig, ModelConfig
-from disaggctl.runtime.model_runner import ModelRunner, StepBatch, TransferSettings
+from disaggctl.runtime.model_runner import LateTokens, ModelRunner, StepBatch, TransferSettings
 from disaggctl.runtime.parallel import (
     TensorParallel,
     check_divisible,
     destroy_process_group,
     init_process_group,
 )
-from disaggctl.runtime.sampling import SamplingParams, make_generator, sample
-from disaggctl.runtime.scheduler import Scheduler, Sequence, Status
+from disaggctl.runtime.sampling import SamplingParams, make_generator, sample_on_device
+from disaggctl.runtime.scheduler import PLACEHOLDER, Scheduler, Sequence, Status
 from disaggctl.runtime.tp_worker import Ranks, worker_spec
 
 log = logging.getLogger("disaggctl.runtime.engine")
@@ -119,10 +119,13 @@ class Engine:
             self.kv_cache.allocator, config.page_size, config.max_batch, config.chunk_size
         )
         self.seqs: dict[str, Sequence] = {}
-        # events wait here until `_flush`; on CUDA a step's events go out while the GPU runs the next
-        # step, off the host's critical path (the GPU idles whenever the step thread is busy)
+        # events wait here until `_flush`, which runs while the device computes a step when overlapping
         self._outbox: list[tuple[Sequence, RequestEvent]] = []
-        self._overlap = self.device.startswith("cuda")
+        self.overlap = config.overlap_schedule
+        if self.overlap is None:  # on by default where the device runs apart from the host
+            self.overlap = self.device.startswith("cuda") and config.tp_size == 1
+        self._inflight: Launched | None = None  # the step queued on the device, not settled yet
+        self._step_id = 0
         self._commands: deque = deque()
         self._wake = threading.Condition()
         self._stop = threading.Event()
@@ -180,8 +183,8 @@ class Engine:
             "waiting_kv": sum(1 for s in parked if s.status == Status.WAITING_KV),
             "held": sum(1 for s in parked if s.status == Status.HELD),
             "pages_total": alloc.num_pages,
-            "pages_free": alloc.num_free,
-            "pages_used": alloc.num_pages - alloc.num_free - alloc.num_quarantined,
+            "pages_free": alloc.available(),
+            "pages_used": alloc.num_pages - alloc.available() - alloc.num_quarantined,
             "pages_quarantined": alloc.num_quarantined,
             "preemptions": sch.num_preemptions,
             **self.counters,
@@ -240,6 +243,7 @@ class Engine:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        self._settle_inflight()
         self.apply_commands()
         for seq in list(self.seqs.values()):
             self._fail(seq, "engine stopped", reason="abort")
@@ -247,41 +251,53 @@ class Engine:
 
     def step(self) -> bool:
         """Apply queued commands, then run one batch. False when there was nothing to run (and no
-        event left to send)."""
+        event left to send).
+
+        A step is launched, then settled: its samples read back and applied. Without overlap a step is
+        settled at once. With overlap the step is queued on the device first and the previous one settled
+        while the device runs it, so the host's per-request work (sampling results, events, scheduling
+        the next step) no longer leaves the device idle between steps."""
         self.apply_commands()
         if not self.scheduler.has_work():
-            return self._flush()
+            settled = self._settle_inflight()
+            return self._flush() or settled
         step = self.scheduler.schedule()
         for seq, why in step.failed:
             self._fail(seq, why)
         for seq in step.kv_waits:
             self._emit(seq, RequestEvent(seq.rid, "kv_pages", page_ids=list(seq.pages)))
         if not step.rows:
+            settled = self._settle_inflight()
             self._flush()
-            return bool(step.kv_waits or step.failed)
+            return bool(step.kv_waits or step.failed) or settled
+        previous, self._inflight = self._inflight, None
         try:
-            logits, samplers = self._forward(step.rows)
-            self._flush()  # the previous step's events, while the device computes this one
-            tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+            launched = self._launch(step.rows, previous)
         except Exception as e:  # fail this step's requests only; the engine goes on
             log.exception("forward pass failed")
             self.counters["step_errors"] += 1
+            self._settle(previous)
             for seq, _ in step.rows:
                 self._fail(seq, f"engine error: {type(e).__name__}: {e}")
             self._flush()
             return True
         self.counters["steps"] += 1
-        for seq, n in step.rows:
-            seq.num_computed += n
-        for seq, tok, lp in zip(samplers, tokens, logprobs, strict=True):
-            self._on_sample(seq, tok, lp)
-        if not self._overlap:
-            self._flush()
+        if self.overlap:
+            self._inflight = launched
+            self.kv_cache.allocator.fence = launched.step  # pages freed from here on may get its writes
+            self._flush()  # the events so far, while the device computes this step
+            self._settle(previous)
+        else:
+            self._settle(launched)
+        self._flush()
         return True
 
-    def _forward(self, rows: list[tuple[Sequence, int]]):
+    def _launch(self, rows: list[tuple[Sequence, int]], previous: Launched | None) -> Launched:
+        """Queue one step's forward pass and sampling; each sampling sequence gets a placeholder token
+        that `_settle` replaces."""
         ids, positions, slices, logit_rows, samplers = [], [], [], [], []
         embed_rows, embeds = [], []
+        late_rows, late_sources = [], []
         for seq, n in rows:
             start = seq.num_computed
             mm = getattr(seq.request, "embeds", None)
@@ -289,6 +305,11 @@ class Engine:
                 offsets, values = mm.within(start, n)
                 embed_rows += [len(ids) + o for o in offsets]
                 embeds.append(values)
+            if previous is not None:  # a token the previous step sampled and the host has not read
+                late = previous.placeholder_of.get(seq)
+                if late is not None and start <= late[0] < start + n:
+                    late_rows.append(len(ids) + late[0] - start)
+                    late_sources.append(late[1])
             ids += seq.tokens[start : start + n]
             positions += range(start, start + n)
             slices.append((n, start + n, list(seq.pages)))
@@ -302,39 +323,83 @@ class Engine:
             batch.embed_rows, batch.embeds = embed_rows, torch.cat(embeds)
         if self.ranks is not None:
             self.ranks.step(batch)  # the other ranks run the same step and meet us in its all-reduces
-        logits = self.runner.forward(batch)
-        return logits[: len(samplers)], samplers
+        late = LateTokens(late_rows, late_sources, previous.tokens) if late_rows else None
+        logits = self.runner.forward(batch, late=late)[: len(samplers)]
+        tokens, logprobs = sample_on_device(
+            logits, [s.params for s in samplers], [s.generator for s in samplers]
+        )
+        self._step_id += 1
+        launched = Launched(self._step_id, samplers, tokens, logprobs, on_device=tokens.is_cuda)
+        for seq, n in rows:
+            seq.num_computed += n
+        for i, seq in enumerate(samplers):
+            if seq.mode == "prefill_only":  # out of the batch now; its first token goes out when settled
+                self.scheduler.hold(seq)
+                continue
+            launched.placeholder_of[seq] = (len(seq.tokens), i)
+            if not self._ends_by_length(seq, len(seq.tokens)):  # else nothing more to schedule for it
+                seq.tokens.append(PLACEHOLDER)
+        return launched
 
-    def _on_sample(self, seq: Sequence, token: int, logprob: float) -> None:
-        if seq.mode == "prefill_only":
-            self.counters["prompt_tokens"] += seq.prompt_len
-            self.scheduler.hold(seq)
-            self._emit(
-                seq,
-                RequestEvent(
-                    seq.rid,
-                    "prefilled",
-                    token_ids=[token],
-                    logprobs=[logprob],
-                    page_ids=list(seq.pages),
-                    prompt_tokens=seq.prompt_len,
-                ),
-            )
-            return
-        if seq.num_output == 0 and seq.preemptions == 0:
-            self.counters["prompt_tokens"] += seq.prompt_len
-        self._append(seq, token, logprob)
+    def _settle_inflight(self) -> bool:
+        launched, self._inflight = self._inflight, None
+        return self._settle(launched)
+
+    def _settle(self, launched: Launched | None) -> bool:
+        """Read a launched step's samples (waiting for the device if need be) and apply them."""
+        if launched is None:
+            return False
+        tokens, logprobs = launched.read()
+        alloc = self.kv_cache.allocator
+        alloc.unfence(launched.step)  # that step is done: pages freed while it ran are free
+        if self._inflight is None:
+            alloc.fence = None
+        for i, seq in enumerate(launched.samplers):
+            if seq.status == Status.DONE:  # finished, aborted or failed while this step ran
+                continue
+            token, logprob = tokens[i], logprobs[i]
+            if seq.mode == "prefill_only":
+                self.counters["prompt_tokens"] += seq.prompt_len
+                self._emit(
+                    seq,
+                    RequestEvent(
+                        seq.rid,
+                        "prefilled",
+                        token_ids=[token],
+                        logprobs=[logprob],
+                        page_ids=list(seq.pages),
+                        prompt_tokens=seq.prompt_len,
+                    ),
+                )
+                continue
+            at = launched.placeholder_of[seq][0]
+            if at < len(seq.tokens):
+                seq.tokens[at] = token
+            else:
+                seq.tokens.append(token)
+            self._accept(seq, at, token, logprob)
+        return True
+
+    def _ends_by_length(self, seq: Sequence, at: int) -> bool:
+        """Whether the token at index `at` of `seq` is its last by length (not by a stop token)."""
+        limit = seq.params.max_new_tokens
+        return (limit is not None and at + 1 - seq.prompt_len >= limit) or at + 1 >= self.config.max_model_len
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.tokens.append(token)
+        self._accept(seq, len(seq.tokens) - 1, token, logprob)
+
+    def _accept(self, seq: Sequence, at: int, token: int, logprob: float) -> None:
+        """`token`, now at index `at` of the sequence, is generated: count it, end the request if it
+        stops here, and send it."""
+        if at == seq.prompt_len and seq.preemptions == 0:
+            self.counters["prompt_tokens"] += seq.prompt_len
         self.counters["generation_tokens"] += 1
         p = seq.params
         reason, matched = None, None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_config.eos_token_ids):
             reason, matched = "stop", token
-        elif (p.max_new_tokens is not None and seq.num_output >= p.max_new_tokens) or len(
-            seq.tokens
-        ) >= self.config.max_model_len:
+        elif self._ends_by_length(seq, at):
             reason = "length"
         ev = RequestEvent(
             seq.rid,
@@ -345,7 +410,7 @@ class Engine:
             finish_reason=reason,
             matched=matched,
             prompt_tokens=seq.prompt_len,
-            completion_tokens=seq.num_output,
+            completion_tokens=at + 1 - seq.prompt_len,
         )
         if reason is not None:
             self._drop(seq)
@@ -433,7 +498,6 @@ class Engine:
             self._fail(seq, f"remote prefill sent an invalid first token {first_token}", quarantine=True)
             return
         self.scheduler.kv_arrived(seq)
-        self.counters["prompt_tokens"] += seq.prompt_len
         self._append(seq, first_token, logprob)
 
     def _cmd_kv_failed(self, rid: str, reason: str, late_writes: bool = True) -> None:
@@ -472,6 +536,28 @@ class Engine:
             except Exception:
                 log.exception("on_event callback of request %s failed", seq.rid)
         return True
+
+
+class Launched:
+    """A step queued on the device: its sampled tokens and logprobs, on their way to host memory."""
+
+    def __init__(self, step: int, samplers: list[Sequence], tokens, logprobs, on_device: bool):
+        self.step = step
+        self.samplers = samplers
+        self.tokens = tokens  # on the device: the next step's late inputs read from here
+        # sequence -> (index of its placeholder token, its row in `tokens`)
+        self.placeholder_of: dict[Sequence, tuple[int, int]] = {}
+        self._host = (tokens, logprobs)
+        self._ready = None
+        if on_device:  # copy back without waiting; `read` waits for the copy only
+            self._host = (tokens.to("cpu", non_blocking=True), logprobs.to("cpu", non_blocking=True))
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def read(self) -> tuple[list[int], list[float]]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host[0].tolist(), self._host[1].tolist()
 
 
 def _error(seq: Sequence, why: str) -> RequestEvent:

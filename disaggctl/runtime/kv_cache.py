@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-FREE, USED, QUARANTINED = 0, 1, 2
+FREE, USED, QUARANTINED, FENCED = 0, 1, 2, 3
 
 
 class PageAllocator:
@@ -29,6 +29,13 @@ class PageAllocator:
         self._quarantine: list[tuple[float, list[int]]] = []  # (release time, pages)
         self._clock = clock
         self.num_free = num_pages
+        # While a step runs on the device after the host moved on (the engine's overlap), a page freed now
+        # may still receive that step's KV write. Such a page is FENCED until the step is done: our own
+        # later steps, queued behind it on the same stream, may reuse it at once; a peer writing through
+        # Mooncake is not ordered after it, so pages for remote KV come from FREE pages only.
+        self.fence: int | None = None  # the step a free must wait for; None: nothing in flight
+        self._fence_step = np.zeros(num_pages, dtype=np.int64)
+        self.num_fenced = 0
 
     @property
     def num_used(self) -> int:
@@ -38,31 +45,44 @@ class PageAllocator:
     def num_quarantined(self) -> int:
         return sum(len(p) for _, p in self._quarantine)
 
-    def allocate(self, n: int, after: int | None = None) -> list[int] | None:
-        """`n` free pages, or None when there are not enough. `after`: try to continue that page's run first."""
+    def available(self, local: bool = True) -> int:
+        """Pages an allocation can have: `local` (written by this server's own steps) may take fenced ones."""
+        return self.num_free + (self.num_fenced if local else 0)
+
+    def _usable(self, local: bool) -> np.ndarray:
+        if local and self.num_fenced:
+            return (self.state == FREE) | (self.state == FENCED)
+        return self.state == FREE
+
+    def _all_usable(self, start: int, n: int, local: bool) -> bool:
+        part = self.state[start : start + n]
+        return bool(((part == FREE) | ((part == FENCED) & local)).all())
+
+    def allocate(self, n: int, after: int | None = None, local: bool = True) -> list[int] | None:
+        """`n` free pages, or None when there are not enough. `after`: try to continue that page's run first.
+        `local=False`: pages a peer will write into (never a fenced page)."""
         self.reclaim()
         if n <= 0:
             return []
-        if n > self.num_free:
+        if n > self.available(local):
             return None
-        if (
-            after is not None
-            and after + n < self.num_pages
-            and not self.state[after + 1 : after + 1 + n].any()
-        ):
+        if after is not None and after + n < self.num_pages and self._all_usable(after + 1, n, local):
             pages = np.arange(after + 1, after + 1 + n)
-        elif n == 1:  # a decode step's next page: the lowest free one, without looking for runs
+        elif n == 1 and not (local and self.num_fenced):  # a decode step's next page, without the run search
             pages = np.array([int(np.argmax(self.state == FREE))])
         else:
-            pages = self._first_run(n)
+            usable = self._usable(local)
+            pages = self._first_run(n, usable)
             if pages is None:  # fragmented: the lowest free pages, which are still mostly runs
-                pages = np.flatnonzero(self.state == FREE)[:n]
+                pages = np.flatnonzero(usable)[:n]
+        fenced = int((self.state[pages] == FENCED).sum()) if self.num_fenced else 0
         self.state[pages] = USED
-        self.num_free -= n
+        self.num_free -= n - fenced
+        self.num_fenced -= fenced
         return pages.tolist()
 
-    def _first_run(self, n: int) -> np.ndarray | None:
-        free = np.concatenate(([0], (self.state == FREE).view(np.int8), [0]))
+    def _first_run(self, n: int, usable: np.ndarray) -> np.ndarray | None:
+        free = np.concatenate(([0], usable.view(np.int8), [0]))
         edges = np.diff(free)
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
         fits = np.flatnonzero(ends - starts >= n)
@@ -81,8 +101,25 @@ class PageAllocator:
 
     def free(self, pages: list[int]) -> None:
         arr = self._check_used(pages)
+        if self.fence is not None:
+            self.state[arr] = FENCED
+            self._fence_step[arr] = self.fence
+            self.num_fenced += arr.size
+            return
         self.state[arr] = FREE
         self.num_free += arr.size
+
+    def unfence(self, through: int | None = None) -> None:
+        """Steps up to `through` are done on the device (None: every step): their fenced pages are free."""
+        if not self.num_fenced:
+            return
+        done = self.state == FENCED
+        if through is not None:
+            done &= self._fence_step <= through
+        n = int(done.sum())
+        self.state[done] = FREE
+        self.num_free += n
+        self.num_fenced -= n
 
     def free_later(self, pages: list[int], after_s: float) -> None:
         """Free the pages only after `after_s`: a failed remote write may still land in them meanwhile."""
@@ -105,6 +142,7 @@ class PageAllocator:
         """Raise AssertionError if the bookkeeping is inconsistent (and, given the owners' page lists,
         if a page is owned twice or an owner holds a page that is not marked used)."""
         assert self.num_free == int((self.state == FREE).sum()), "free count drifted"
+        assert self.num_fenced == int((self.state == FENCED).sum()), "fenced count drifted"
         quarantined = [p for _, pages in self._quarantine for p in pages]
         assert len(quarantined) == len(set(quarantined)), "page quarantined twice"
         assert (self.state[quarantined] == QUARANTINED).all(), "quarantined page in the wrong state"

@@ -36,6 +36,25 @@ class StepBatch:
 
 
 @dataclass
+class LateTokens:
+    """Input rows whose token is still on the device: `tokens[sources[i]]` is the input of row `rows[i]`.
+    The host queues a step before reading the previous step's samples (the engine's overlap), so these
+    ids go from that step's output to this step's input without a round trip through the host."""
+
+    rows: list[int]
+    sources: list[int]
+    tokens: torch.Tensor  # the previous step's sampled ids, on the device
+
+    def fill(self, input_ids: torch.Tensor) -> None:
+        n = len(self.rows)
+        if self.rows == self.sources == list(range(n)):  # steady decode: the same sequences, same order
+            input_ids[:n].copy_(self.tokens[:n])
+            return
+        index = torch.tensor([self.rows, self.sources], device=input_ids.device)
+        input_ids[index[0]] = self.tokens[index[1]]
+
+
+@dataclass
 class TransferSettings:
     """How a rank's Mooncake agent is made (prefill and decode servers only)."""
 
@@ -115,9 +134,12 @@ class ModelRunner:
             )
         return int(pages)
 
-    def forward(self, batch: StepBatch, sample_rows: bool = True) -> torch.Tensor | None:
+    def forward(
+        self, batch: StepBatch, sample_rows: bool = True, late: LateTokens | None = None
+    ) -> torch.Tensor | None:
         """Run one step: the KV of every token goes to this rank's pool; logits of `logit_rows` come back
-        (fp32) when `sample_rows`, else None (ranks that do not sample skip the LM head)."""
+        (fp32) when `sample_rows`, else None (ranks that do not sample skip the LM head). `late`: input
+        rows whose token the previous step sampled and the host has not read yet."""
         dev = self.device
         # a step with image embeddings runs eagerly: the graphs capture token embeddings only
         if (
@@ -125,7 +147,8 @@ class ModelRunner:
             and not batch.embed_rows
             and self.graphs.fits(batch.slices, batch.logit_rows)
         ):
-            return self.graphs.replay(batch.input_ids, batch.positions, batch.slices)
+            fill = late.fill if late is not None else None
+            return self.graphs.replay(batch.input_ids, batch.positions, batch.slices, fill)
         slices = [SeqSlice(q_len=q, kv_len=kv, pages=pages) for q, kv, pages in batch.slices]
         meta = build_meta(
             slices,
@@ -139,8 +162,11 @@ class ModelRunner:
         extra = {}
         if batch.embed_rows:
             extra["embeds"] = (torch.tensor(batch.embed_rows, device=dev), batch.embeds.to(dev))
+        input_ids = torch.tensor(batch.input_ids, device=dev)
+        if late is not None:
+            late.fill(input_ids)
         return self.model(
-            torch.tensor(batch.input_ids, device=dev),
+            input_ids,
             torch.tensor(batch.positions, device=dev),
             self.kv_cache,
             meta,
@@ -152,6 +178,7 @@ class ModelRunner:
 
     def attach_agent(self, settings: TransferSettings) -> None:
         """A Mooncake agent with this rank's pool registered (blocks; Mooncake busy-waits)."""
+        from disaggctl.runtime.transfer_hooks import cuda_agent_hooks
         from disaggctl.transfer.mooncake import MooncakeAgent
 
         agent = MooncakeAgent(
@@ -159,6 +186,7 @@ class ModelRunner:
             protocol=settings.protocol,
             ib_device=settings.ib_device or None,
             timeout_s=settings.timeout_s,
+            **cuda_agent_hooks(self.device),
         )
         pool = self.kv_cache.tensor
         try:

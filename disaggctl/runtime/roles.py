@@ -104,6 +104,7 @@ def engine_config(role: str, args, model_dir: str):
         "ep_size": args.ep_size,
         "moe_a2a_backend": args.moe_a2a_backend,
         "cuda_graph": args.cuda_graph,
+        "overlap_schedule": args.overlap_schedule,
         # a decode takes the KV of image tokens, and a server with encoders their embeddings: neither
         # runs the vision tower (only prefill and colocated parsers have --encoder-peer)
         "vision": role != "decode" and not args.encoder_peer,

@@ -62,10 +62,11 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample(
+def sample_on_device(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> tuple[list[int], list[float]]:
-    """Next token and its logprob for each row of fp32 `logits` [B, vocab]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token and its logprob for each row of fp32 `logits` [B, vocab], as tensors where the logits
+    are: nothing waits for the device, so the next step can be queued before these are read."""
     tokens = torch.argmax(logits, dim=-1)
     for i, p in enumerate(params):
         if not p.greedy:
@@ -73,4 +74,5 @@ def sample(
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     # log_softmax at the chosen token only: one pass over the logits instead of writing a second copy
     chosen = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-    return tokens.tolist(), chosen.tolist()
+    return tokens, chosen
+

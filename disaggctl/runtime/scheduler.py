@@ -16,6 +16,10 @@ from typing import Any
 from disaggctl.runtime.kv_cache import PageAllocator, pages_for
 from disaggctl.runtime.sampling import SamplingParams
 
+# The token of a sequence that a launched step is still sampling (the engine's overlap). Never a valid id:
+# a bug that fed it to the model would fail on the embedding instead of producing plausible text.
+PLACEHOLDER = -1
+
 
 class Status(enum.Enum):
     WAITING = "waiting"  # queued, no pages
@@ -41,7 +45,8 @@ class Sequence:
 
     @property
     def num_output(self) -> int:
-        return len(self.tokens) - self.prompt_len
+        """Tokens generated so far (a token still being sampled not counted)."""
+        return len(self.tokens) - self.prompt_len - (bool(self.tokens) and self.tokens[-1] == PLACEHOLDER)
 
     @property
     def remaining(self) -> int:
@@ -144,9 +149,9 @@ class Scheduler:
             if not remote and budget <= 0:
                 break
             self.allocator.reclaim()
-            if self.allocator.num_free - need < (reserve if self.running else 0):
+            if self.allocator.available(local=not remote) - need < (reserve if self.running else 0):
                 break
-            pages = self.allocator.allocate(need)
+            pages = self.allocator.allocate(need, local=not remote)
             if pages is None:
                 break
             self.waiting.popleft()

@@ -82,6 +82,14 @@ def build_parser(role: str) -> argparse.ArgumentParser:
         action="store_false",
         help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)",
     )
+    ap.add_argument(
+        "--no-overlap-schedule",
+        dest="overlap_schedule",
+        action="store_const",
+        const=False,
+        default=None,
+        help="read each step's tokens back before queueing the next (default: overlap on CUDA at tp 1)",
+    )
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument(
         "--tp-size", type=int, default=1, help="tensor-parallel ranks (one process each; rank 0 serves HTTP)"

@@ -61,6 +61,8 @@ def embedded_argv(
             argv += [flag, str(value)]
     if role.cuda_graph is False and kv_knobs:
         argv.append("--no-cuda-graph")
+    if role.overlap_schedule is False and kv_knobs:
+        argv.append("--no-overlap-schedule")
     if role.embed_buffer_mb is not None:  # checks.py allows it on an encoder and an EPD prefill only
         argv += ["--embed-buffer-mb", str(role.embed_buffer_mb)]
     if p.role == "prefill":

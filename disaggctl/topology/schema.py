@@ -103,6 +103,8 @@ class Role(Strict):
     max_batch: int | None = Field(None, ge=1)
     chunk_size: int | None = Field(None, ge=1)
     cuda_graph: bool | None = None  # false: decode steps run eagerly (SGLang: --disable-cuda-graph)
+    # false: each step's tokens are read back before the next is queued (SGLang: --disable-overlap-schedule)
+    overlap_schedule: bool | None = None
     # EPD: registered memory for image embeddings (MiB): an encoder's held ones, a prefill's incoming ones
     embed_buffer_mb: int | None = Field(None, ge=1)
     # what the keeper does when a replica exits: docs/topology.md, `keeper`

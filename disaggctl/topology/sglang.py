@@ -168,6 +168,8 @@ def worker_argv(
     argv += _emit(f["chunked_prefill_size"], role.chunk_size)
     if role.cuda_graph is False:
         argv.append(f["disable_cuda_graph"]["flag"])
+    if role.overlap_schedule is False:
+        argv.append(f["disable_overlap_schedule"]["flag"])
     if p.ep > 1:
         ep = t["ep"]
         if role.moe_a2a_backend != "none":  # unset: Mooncake's EP backend, as in the guide

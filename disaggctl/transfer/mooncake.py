@@ -141,6 +141,10 @@ class MooncakeAgent:
 
     `hostname` must be an address the peer can route to (it is part of the session id).
     `timeout_s` bounds every write (plus 1 ns per byte, like Mooncake) and every probe.
+    `thread_setup` runs once on each worker thread (e.g. choosing its CUDA device). `nvlink_settle` runs
+    on the writing thread after each same-host NVLink write and must wait until the bytes have landed:
+    Mooncake's copy there is a device-to-device `cudaMemcpy`, which returns before the copy is done, and
+    the peer process reads the pages with nothing ordering its reads after our copy.
     """
 
     def __init__(
@@ -150,6 +154,8 @@ class MooncakeAgent:
         ib_device: str | None = None,
         timeout_s: float = 30.0,
         workers: int | None = None,
+        thread_setup: Callable[[], None] | None = None,
+        nvlink_settle: Callable[[], None] | None = None,
     ):
         if timeout_s <= 0:
             raise ValueError(f"transfer timeout must be positive, got {timeout_s}")
@@ -176,8 +182,9 @@ class MooncakeAgent:
         self._registered: dict[int, int] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
-            max_workers=workers or default_workers(), thread_name_prefix="mooncake"
+            max_workers=workers or default_workers(), thread_name_prefix="mooncake", initializer=thread_setup
         )
+        self._nvlink_settle = nvlink_settle if self.transport == "nvlink" else None
         self._closed = False
         log.info(
             "mooncake agent %s: transport %s (protocol %s%s)",
@@ -222,6 +229,11 @@ class MooncakeAgent:
         return self._pool.submit(fn, *args)
 
     def _write_now(self, peer: str, srcs: list[int], dsts: list[int], lens: list[int]) -> None:
+        self._issue(peer, srcs, dsts, lens)
+        if self._nvlink_settle is not None:
+            self._nvlink_settle()
+
+    def _issue(self, peer: str, srcs: list[int], dsts: list[int], lens: list[int]) -> None:
         if self.transport == "nvlink" and len(lens) <= NVLINK_SINGLE_WRITES_UPTO:
             for i, (src, dst, n) in enumerate(zip(srcs, dsts, lens, strict=True)):
                 rc = self._engine.transfer_sync_write(peer, src, dst, n)

@@ -89,6 +89,7 @@ class Encoder:
         from disaggctl.runtime.config import EngineConfig, ModelConfig
         from disaggctl.runtime.loader import load_model
         from disaggctl.runtime.models.clip import LlavaVision
+        from disaggctl.runtime.transfer_hooks import cuda_agent_hooks
         from disaggctl.runtime.vision.images import ProcessorConfig
         from disaggctl.transfer.mooncake import MooncakeAgent
 
@@ -109,6 +110,7 @@ class Encoder:
             protocol=self.args.transfer_protocol,
             ib_device=self.args.ib_device or None,
             timeout_s=self.args.transfer_timeout,
+            **cuda_agent_hooks(self.device),
         )
         self.agent.register(self.buffer.data_ptr(), self.buffer.numel())
 

@@ -57,6 +57,15 @@ class DecodeGraphs:
         self.table = torch.zeros((largest, self.width), dtype=torch.int32, device=dev)
         self.lens = torch.zeros(largest, dtype=torch.int32, device=dev)
         self.rows = torch.arange(largest, device=dev)
+        # The host's inputs go up in one asynchronous copy from pinned memory. A copy from pageable memory
+        # would first wait for everything queued before it, so the host could not queue step n+1 while
+        # step n runs (the engine's overlap). Two pinned buffers take turns: a buffer is written again
+        # only once its copy has run (the event), which the overlap's one step in flight makes immediate.
+        cap = largest * (4 + self.width + 2)  # ids, positions, slots, lens, table; late rows and sources
+        self._pinned = [torch.empty(cap, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        self._landing = torch.empty(cap, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor | None] = {}
         self.pool = None
@@ -118,29 +127,54 @@ class DecodeGraphs:
             and all(q == 1 and len(pages) <= self.width for q, _, pages in slices)
         )
 
-    def replay(self, input_ids: list[int], positions: list[int], slices, fill=None) -> torch.Tensor | None:
-        """Fill the static inputs, replay the bucket's graph; logits of the real rows (or None). `fill`:
-        writes the ids the host does not know yet into the static ids (`model_runner.LateTokens.fill`)."""
+    def _upload(self, parts: list[np.ndarray]) -> torch.Tensor:
+        """The int64 arrays, back to back, on the device: one asynchronous copy through pinned memory."""
+        turn, self._turn = self._turn, self._turn ^ 1
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()
+        staging = self._pinned[turn].numpy()
+        at = 0
+        for part in parts:
+            staging[at : at + part.size] = part.ravel()
+            at += part.size
+        landed = self._landing[:at]
+        landed.copy_(self._pinned[turn][:at], non_blocking=True)
+        self._copied[turn] = torch.cuda.Event()
+        self._copied[turn].record()
+        return landed
+
+    def replay(self, input_ids: list[int], positions: list[int], slices, late=None) -> torch.Tensor | None:
+        """Fill the static inputs, replay the bucket's graph; logits of the real rows (or None). `late`:
+        rows whose id the previous step sampled on the device (`model_runner.LateTokens`)."""
         n = len(slices)
         size = next(b for b in self.sizes if b >= n)
         page = self.page_size
-        lens = np.fromiter((kv for _, kv, _ in slices), dtype=np.int32, count=n)
+        lens = np.fromiter((kv for _, kv, _ in slices), dtype=np.int64, count=n)
         counts = np.fromiter((len(p) for _, _, p in slices), dtype=np.int64, count=n)
         width = int(counts.max())
-        table = np.zeros((n, width), dtype=np.int32)
+        table = np.zeros((n, width), dtype=np.int64)
         table[np.arange(width)[None, :] < counts[:, None]] = np.fromiter(
-            (p for _, _, pages in slices for p in pages), dtype=np.int32, count=int(counts.sum())
+            (p for _, _, pages in slices for p in pages), dtype=np.int64, count=int(counts.sum())
         )
         pos = np.asarray(positions, dtype=np.int64)
-        slots = table[np.arange(n), pos // page].astype(np.int64) * self.page_rows + pos % page
-        # one host-to-device copy per buffer; the rows from n to the bucket's size keep padding
-        self.input_ids[:n].copy_(torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(pos), non_blocking=True)
-        self.slots[:n].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.table[:n, :width].copy_(torch.from_numpy(table), non_blocking=True)
-        self.lens[:n].copy_(torch.from_numpy(lens), non_blocking=True)
-        if fill is not None:
-            fill(self.input_ids)
+        slots = table[np.arange(n), pos // page] * self.page_rows + pos % page
+        parts = [np.asarray(input_ids, dtype=np.int64), pos, slots, lens, table]
+        gather = late is not None and not late.in_order
+        if gather:
+            parts += [np.asarray(late.rows, dtype=np.int64), np.asarray(late.sources, dtype=np.int64)]
+        landed = self._upload(parts)
+        # into the static buffers, on the device; the rows from n to the bucket's size keep padding
+        self.input_ids[:n].copy_(landed[:n])
+        self.positions[:n].copy_(landed[n : 2 * n])
+        self.slots[:n].copy_(landed[2 * n : 3 * n])
+        self.lens[:n].copy_(landed[3 * n : 4 * n])
+        end = 4 * n + n * width
+        self.table[:n, :width].copy_(landed[4 * n : end].view(n, width))
+        if gather:
+            k = len(late.rows)
+            self.input_ids[landed[end : end + k]] = late.tokens[landed[end + k : end + 2 * k]]
+        elif late is not None:
+            late.fill(self.input_ids)
         if size > n:  # rows a larger batch filled before: padding again
             self.slots[n:size].fill_(self.pad_slot)
             self.lens[n:size].zero_()

@@ -45,9 +45,14 @@ class LateTokens:
     sources: list[int]
     tokens: torch.Tensor  # the previous step's sampled ids, on the device
 
+    @property
+    def in_order(self) -> bool:
+        """Steady decode: row i takes the previous step's i-th sample, for the first rows."""
+        return self.rows == self.sources == list(range(len(self.rows)))
+
     def fill(self, input_ids: torch.Tensor) -> None:
         n = len(self.rows)
-        if self.rows == self.sources == list(range(n)):  # steady decode: the same sequences, same order
+        if self.in_order:
             input_ids[:n].copy_(self.tokens[:n])
             return
         index = torch.tensor([self.rows, self.sources], device=input_ids.device)
@@ -147,8 +152,7 @@ class ModelRunner:
             and not batch.embed_rows
             and self.graphs.fits(batch.slices, batch.logit_rows)
         ):
-            fill = late.fill if late is not None else None
-            return self.graphs.replay(batch.input_ids, batch.positions, batch.slices, fill)
+            return self.graphs.replay(batch.input_ids, batch.positions, batch.slices, late)
         slices = [SeqSlice(q_len=q, kv_len=kv, pages=pages) for q, kv, pages in batch.slices]
         meta = build_meta(
             slices,

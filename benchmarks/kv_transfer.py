@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from disaggctl.runtime.builtin import TINY_CONFIG
+from disaggctl.runtime.transfer_hooks import cuda_agent_hooks
 from disaggctl.transfer.kv_layout import KvLayout, kv_write_batches
 from disaggctl.transfer.mooncake import MooncakeAgent, load_engine_module
 
@@ -54,14 +55,16 @@ class _RenamedProtocol:
         return getattr(self._engine, name)
 
 
-def make_agent(args: argparse.Namespace) -> MooncakeAgent:
+def make_agent(args: argparse.Namespace, device: str = "cpu") -> MooncakeAgent:
+    """An agent as the runtime makes one for a pool on `device` (its CUDA hooks included)."""
+    hooks = cuda_agent_hooks(device)
     if args.protocol != NVLINK_INTRA:
-        return MooncakeAgent(args.hostname, args.protocol, args.ib_device, timeout_s=args.timeout)
+        return MooncakeAgent(args.hostname, args.protocol, args.ib_device, timeout_s=args.timeout, **hooks)
     module = load_engine_module()
     original = module.TransferEngine
     module.TransferEngine = lambda: _RenamedProtocol(original())
     try:
-        return MooncakeAgent(args.hostname, "nvlink", None, timeout_s=args.timeout)
+        return MooncakeAgent(args.hostname, "nvlink", None, timeout_s=args.timeout, **hooks)
     finally:
         module.TransferEngine = original
 
@@ -347,7 +350,7 @@ def main() -> None:
         parser.error("--tokens and --reps must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA build of torch and a GPU")
-    agent = make_agent(args)
+    agent = make_agent(args, args.device)
     rows = []
     for name in args.shape or sorted(SHAPES, reverse=True):
         rows += bench_shape(args, SHAPES[name], agent)

@@ -185,6 +185,11 @@ class MooncakeAgent:
             max_workers=workers or default_workers(), thread_name_prefix="mooncake", initializer=thread_setup
         )
         self._nvlink_settle = nvlink_settle if self.transport == "nvlink" else None
+        self._thread_setup = thread_setup
+        # Same-host NVLink peers written to once: Mooncake holds their descriptor and the mapping of their
+        # memory, so a write is a copy on our own device that cannot wait on the peer; it then runs on the
+        # caller's thread, sparing the hop to a worker and back.
+        self._mapped_peers: set[str] = set()
         self._closed = False
         log.info(
             "mooncake agent %s: transport %s (protocol %s%s)",
@@ -255,12 +260,21 @@ class MooncakeAgent:
         return [int(a) for a in srcs], [int(a) for a in dsts], [int(n) for n in lens]
 
     def write(self, peer: str, srcs: Sequence[int], dsts: Sequence[int], lens: Sequence[int]) -> None:
-        """Write local ranges into the peer's registered memory; raise TransferError on failure.
+        """Write local ranges into the peer's registered memory; raise TransferError on failure. Blocks the
+        calling thread (never call it on an event loop).
 
-        One Mooncake batch per MAX_BATCH_ENTRIES ranges, all under one deadline.
+        One Mooncake batch per MAX_BATCH_ENTRIES ranges, all under one deadline. A write to a same-host
+        NVLink peer already mapped runs on the calling thread (after `thread_setup`, if given).
         """
         srcs, dsts, lens = self._check_batch(peer, srcs, dsts, lens)
         if not lens:
+            return
+        if peer in self._mapped_peers:
+            if self._closed:
+                raise RuntimeError("mooncake agent is closed")
+            if self._thread_setup is not None:
+                self._thread_setup()
+            self._write_now(peer, srcs, dsts, lens)
             return
         deadline = self.deadline_s(sum(lens))
         future = self._submit(self._write_now, peer, srcs, dsts, lens)
@@ -268,6 +282,8 @@ class MooncakeAgent:
             future.result(timeout=deadline)
         except FutureTimeout:
             raise TransferError(peer, f"no completion within {deadline:.1f}s (peer hung?)") from None
+        if self.transport == "nvlink":
+            self._mapped_peers.add(peer)
 
     def _probe_now(self, peer: str) -> int:
         return self._engine.send_probe(peer)

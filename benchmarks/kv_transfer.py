@@ -232,6 +232,14 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
                 def per_page(batches=unmerged):
                     agent.write(peer, *batches)
 
+                def raw_at_run(n=nbytes):  # raw, but to where the merged run goes
+                    dst_at = dst.page_addr(0, 0, DST_FIRST_PAGE) if page_major else dst.base_ptr
+                    if agent.engine.transfer_sync_write(peer, src.base_ptr, dst_at, n) != 0:
+                        raise SystemExit("raw Mooncake write failed")
+
+                def write_list(s=contiguous_src, d=contiguous_dst, t=tokens):  # the host's share of merged
+                    kv_write_batches(src, s, dst, d, t)
+
                 cases = [
                     ("raw", 1, raw, args.reps),
                     (
@@ -251,6 +259,7 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
                 if args.diagnose:
                     cases += [("raw-agent", 1, raw_via_agent, args.reps)]
                     cases += [("merged-direct", cases[1][1], merged_direct, args.reps)]
+                    cases += [("raw-at-run", 1, raw_at_run, args.reps), ("write-list", 0, write_list, args.reps)]
                 on_gpu = args.device.startswith("cuda")
                 medians = interleaved_medians(cases, torch.cuda.synchronize if on_gpu else None)
                 # a transport that reports success without moving the bytes would make every number a lie

@@ -274,6 +274,31 @@ def test_page_major_runs_are_one_entry_each():
     assert dsts == [b.base_ptr, b.base_ptr + 7 * run]
 
 
+def test_page_major_write_list_moves_each_page_to_its_pair_whatever_the_runs():
+    """One run on each side takes a path without numpy; scattered pages the general one: both must send
+    every layer of source page i to destination page i, and nothing else."""
+    rng = random.Random(0)
+    src_layout = KvLayout(1 << 20, 3, 40, 64, 4, page_major=True)
+    dst_layout = KvLayout(1 << 30, 3, 40, 64, 4, page_major=True)
+    stride = src_layout.page_stride
+    for case in range(300):
+        n = rng.randint(1, 12)
+        if case % 2:
+            s0, d0 = rng.randrange(0, 41 - n), rng.randrange(0, 41 - n)
+            src, dst = list(range(s0, s0 + n)), list(range(d0, d0 + n))
+        else:
+            src, dst = rng.sample(range(40), n), rng.sample(range(40), n)
+        srcs, dsts, lens = kv_write_batches(src_layout, src, dst_layout, dst)
+        if case % 2:
+            assert len(lens) == 1
+        moved = {}
+        for a, b, m in zip(srcs, dsts, lens, strict=True):
+            assert m % stride == 0 and (a - src_layout.base_ptr) % stride == 0
+            for k in range(m // stride):
+                moved[(a - src_layout.base_ptr) // stride + k] = (b - dst_layout.base_ptr) // stride + k
+        assert moved == dict(zip(src, dst, strict=True)), (src, dst)
+
+
 def test_kv_write_batches_rejects_bad_input():
     a = KvLayout(4096, 2, 8, 256, 4)
     with pytest.raises(ValueError, match="page_bytes differs"):
@@ -284,6 +309,12 @@ def test_kv_write_batches_rejects_bad_input():
         kv_write_batches(a, [0, 8], a, [0, 1])
     with pytest.raises(ValueError, match="repeats"):
         kv_write_batches(a, [0, 1], a, [3, 3])
+    with pytest.raises(ValueError, match="repeats"):  # not ascending: the full check
+        kv_write_batches(a, [0, 1, 2], a, [5, 2, 5])
+    page_major = KvLayout(4096, 2, 8, 256, 4, page_major=True)
+    with pytest.raises(ValueError, match="repeats"):
+        kv_write_batches(page_major, [0, 1, 2], page_major, [4, 1, 4])
+    assert len(kv_write_batches(page_major, [0, 1, 2], page_major, [6, 1, 4])[0]) == 3  # descending is fine
     with pytest.raises(ValueError, match="do not fill"):
         kv_write_batches(a, [0, 1], a, [2, 3], num_tokens=4)
     with pytest.raises(ValueError, match="must be positive"):

@@ -37,8 +37,8 @@ MAX_BATCH_ENTRIES = 1024
 # Over same-host NVLink a few ranges (a page-major prompt is one per page run) go through Mooncake's
 # single-range call, one each; many ranges stay one batch, which amortises its fixed cost over them. On an
 # H200 (2026-12-03, docs/benchmarks.md §11) this took a one-range hand-off of 16k tokens from 1.57 to
-# 1.46 ms and of 1k tokens from 0.54 to 0.45 ms: a small gain. Most of the gap to one raw write lies in
-# where the destination range starts in the peer's buffer, not in the call used.
+# 1.46 ms and of 1k tokens from 0.54 to 0.45 ms: a small gain. The rest of the gap to one raw write was the
+# host building the write list (§12), not the call.
 NVLINK_SINGLE_WRITES_UPTO = 16
 
 

@@ -277,6 +277,7 @@ class Engine:
             log.exception("forward pass failed")
             self.counters["step_errors"] += 1
             self._settle(previous)
+            self._drain_device()  # what the failed step queued must not write into the pages freed below
             for seq, _ in step.rows:
                 self._fail(seq, f"engine error: {type(e).__name__}: {e}")
             self._flush()
@@ -340,6 +341,14 @@ class Engine:
             if not self._ends_by_length(seq, len(seq.tokens)):  # else nothing more to schedule for it
                 seq.tokens.append(PLACEHOLDER)
         return launched
+
+    def _drain_device(self) -> None:
+        if not self.device.startswith("cuda"):
+            return
+        try:
+            torch.cuda.synchronize(self.device)
+        except Exception:  # a device fault: the next step will report it as well
+            log.exception("waiting for the device after a failed step")
 
     def _settle_inflight(self) -> bool:
         launched, self._inflight = self._inflight, None

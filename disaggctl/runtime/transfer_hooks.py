@@ -10,7 +10,8 @@ def cuda_agent_hooks(device: str) -> dict:
 
     Each worker thread makes the pool's device its own, so Mooncake's copies are queued on that device.
     After a same-host NVLink write the thread waits for its device: the copy is a `cudaMemcpy` between
-    device buffers, which returns before the bytes land, and the peer reads them from another process.
+    device buffers, which CUDA allows to return before the bytes land, and the peer reads them from another
+    process.
     The wait covers this server's kernels queued before the copy as well, which the copy waits for anyway
     (both on the device's default stream).
     """

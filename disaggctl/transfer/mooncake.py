@@ -143,8 +143,8 @@ class MooncakeAgent:
     `timeout_s` bounds every write (plus 1 ns per byte, like Mooncake) and every probe.
     `thread_setup` runs once on each worker thread (e.g. choosing its CUDA device). `nvlink_settle` runs
     on the writing thread after each same-host NVLink write and must wait until the bytes have landed:
-    Mooncake's copy there is a device-to-device `cudaMemcpy`, which returns before the copy is done, and
-    the peer process reads the pages with nothing ordering its reads after our copy.
+    Mooncake's copy there is a device-to-device `cudaMemcpy`, which CUDA allows to return before the copy
+    is done, and the peer process reads the pages with nothing ordering its reads after our copy.
     """
 
     def __init__(

@@ -1,8 +1,9 @@
 """Same-host NVLink writes on a GPU: when a write returns, the bytes are in the peer's memory.
 
-Mooncake's same-host NVLink copy is a device-to-device `cudaMemcpy`, which returns before the copy is
-done; the peer process reads with nothing ordering its reads after our copy. Skipped without CUDA or
-without Mooncake's NVLink transport."""
+Mooncake's same-host NVLink copy is a device-to-device `cudaMemcpy`, which CUDA allows to return before
+the copy is done (on an H200 it returned when done), and the peer process reads with nothing ordering its
+reads after our copy: the agent waits for the device, and this is the contract it keeps. Skipped without
+CUDA or without Mooncake's NVLink transport."""
 
 from __future__ import annotations
 

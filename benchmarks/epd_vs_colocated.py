@@ -134,10 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             va, vb = (d["total_input_tokens"] / d["completed"] if d["completed"] else None for d in (a, b))
         else:
             va, vb = a.get(key), b.get(key)
-        ratio = (
-            f"{vb / va:.2f}x" if isinstance(va, int | float) and isinstance(vb, int | float) and va else "-"
-        )
-        table.add_row(label, report.fmt_number(va), report.fmt_number(vb), ratio)
+        shown = report.fmt_ratio(report.ratio(va, vb))
+        table.add_row(label, report.fmt_number(va), report.fmt_number(vb), shown)
     Console().print(table)
     err.print(f"results in {args.out_dir}/colocated.json and {args.out_dir}/epd.json", highlight=False)
     return 1 if any(doc["failed"] for doc in results.values()) else 0

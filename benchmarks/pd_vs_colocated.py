@@ -177,10 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         a = results["colocated"][0] if kind == "all" else results["colocated"][1][kind]
         b = results["pd"][0] if kind == "all" else results["pd"][1][kind]
         va, vb = a.get(key), b.get(key)
-        ratio = (
-            f"{vb / va:.2f}x" if isinstance(va, int | float) and isinstance(vb, int | float) and va else "-"
-        )
-        table.add_row(label, report.fmt_number(va), report.fmt_number(vb), ratio)
+        shown = report.fmt_ratio(report.ratio(va, vb))
+        table.add_row(label, report.fmt_number(va), report.fmt_number(vb), shown)
     Console().print(table)
     err.print(f"results in {args.out_dir}/colocated.json and {args.out_dir}/pd.json", highlight=False)
     failed = sum(doc["failed"] for doc, _ in results.values())

@@ -99,13 +99,21 @@ def fmt_number(value: object, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def ratio(a: object, b: object) -> float | None:
+    """b / a, or None where either is not a number or a is 0."""
+    return b / a if isinstance(a, int | float) and isinstance(b, int | float) and a else None
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def compare_rows(a: dict, b: dict) -> list[tuple[str, object, object, float | None]]:
     """(label, A value, B value, B/A) for the key metrics; the ratio is None where A is 0 or missing."""
     rows = []
     for key, label in COMPARE_ROWS:
         va, vb = a.get(key), b.get(key)
-        ratio = vb / va if isinstance(va, int | float) and isinstance(vb, int | float) and va else None
-        rows.append((label, va, vb, ratio))
+        rows.append((label, va, vb, ratio(va, vb)))
     return rows
 
 

@@ -249,7 +249,7 @@ def render(doc: dict, console: Any) -> None:
 def render_compare(a: dict, b: dict, names: tuple[str, str], console: Any) -> None:
     from rich.table import Table
 
-    from disaggctl.bench.report import compare_rows, fmt_number
+    from disaggctl.bench.report import compare_rows, fmt_number, fmt_ratio
 
     table = Table(title="disaggctl bench: A vs B")
     table.add_column("metric")
@@ -257,7 +257,7 @@ def render_compare(a: dict, b: dict, names: tuple[str, str], console: Any) -> No
     table.add_column(f"B: {names[1]}", justify="right")
     table.add_column("B/A", justify="right")
     for label, va, vb, ratio in compare_rows(a, b):
-        table.add_row(label, fmt_number(va), fmt_number(vb), "-" if ratio is None else f"{ratio:.2f}x")
+        table.add_row(label, fmt_number(va), fmt_number(vb), fmt_ratio(ratio))
     for side, doc in (("A", a), ("B", b)):
         ctx = doc["context"]
         console.print(

@@ -251,7 +251,7 @@ def kv_write_batches(
         lens = np.full(srcs.size, page_bytes, dtype=np.int64)
         srcs, dsts, lens = _join_adjacent(srcs, dsts, lens)
         return srcs.tolist(), dsts.tolist(), lens.tolist()
-    s_start, d_start, counts = _runs(src, dst)
+    s_start, d_start, counts = _runs(src, dst, dst_steps)
     run_lens = counts * page_bytes
     run_lens[-1] -= page_bytes - tail_bytes
     srcs = src_layout.base_ptr + slabs[:, None] * src_layout.slab_bytes + s_start[None, :] * page_bytes

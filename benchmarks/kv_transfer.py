@@ -233,7 +233,7 @@ def bench_shape(args: argparse.Namespace, shape: Shape, agent: MooncakeAgent) ->
                     agent.write(peer, *batches)
 
                 def raw_at_run(n=nbytes):  # raw, but to where the merged run goes
-                    dst_at = dst.page_addr(0, 0, DST_FIRST_PAGE) if page_major else dst.base_ptr
+                    dst_at = dst.page_addr(0, 0, DST_FIRST_PAGE)
                     if agent.engine.transfer_sync_write(peer, src.base_ptr, dst_at, n) != 0:
                         raise SystemExit("raw Mooncake write failed")
 
